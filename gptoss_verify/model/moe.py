@@ -1,0 +1,67 @@
+"""The mixture of experts (SPEC.md §1, §2.4, §2.5): biased router, top-k then softmax over the k,
+clamped SwiGLU on interleaved gate/up, down projection with its bias inside the weighted sum.
+
+Expert weights are in the HF dequantized layout: gate_up [E, H, 2I] and down [E, I, H], used as
+`x @ W`. `moe()` is the signature the fused kernel replaces.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import faults
+from .norm import compute_dtype
+
+
+def route(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits [T, E], the top-k expert indices [T, k] (largest first) and their weights."""
+    logits = torch.nn.functional.linear(h, weight, bias)
+    values, idx = torch.topk(logits, k, dim=-1, sorted=True)
+    if faults.active("router-softmax-all"):
+        weights = logits.softmax(dim=-1, dtype=compute_dtype(h.dtype)).gather(-1, idx)
+    else:
+        weights = values.softmax(dim=-1, dtype=compute_dtype(h.dtype))
+    return logits, idx, weights.to(h.dtype)
+
+
+def swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Even columns are the gate (clamped from above only), odd columns are up (clamped both ways,
+    then +1): gate·σ(α·gate)·(up + 1)."""
+    if faults.active("gate-up-halves"):
+        gate, up = gate_up.chunk(2, dim=-1)
+    else:
+        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    if faults.active("gate-clamp-symmetric"):
+        gate = gate.clamp(min=-limit, max=limit)
+    else:
+        gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def experts(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+            gate_up_bias: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, *,
+            alpha: float, limit: float) -> torch.Tensor:
+    """Σ_k w_k · (swiglu(h @ gate_up[e_k] + b) @ down[e_k] + down_bias[e_k]), looping over the
+    experts that were chosen; the sum is accumulated in float32 (float64) and cast once."""
+    out = torch.zeros(h.shape, dtype=compute_dtype(h.dtype), device=h.device)
+    bias_after = faults.active("down-bias-after-weight")
+    for e in torch.unique(idx).tolist():
+        token, slot = torch.where(idx == e)
+        act = swiglu(h[token] @ gate_up[e] + gate_up_bias[e], alpha, limit)
+        y = act @ down[e]
+        if not bias_after:
+            y = y + down_bias[e]
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        if bias_after:
+            out.index_add_(0, token, down_bias[e].to(out.dtype).expand(len(token), -1))
+    return out.to(h.dtype)
+
+
+def moe(h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, gate_up: torch.Tensor,
+        gate_up_bias: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, *, k: int,
+        alpha: float, limit: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h [T, H] -> (output [T, H], router logits [T, E], top-k indices [T, k], top-k weights [T, k])."""
+    logits, idx, weights = route(h, router_weight, router_bias, k)
+    out = experts(h, idx, weights, gate_up, gate_up_bias, down, down_bias, alpha=alpha, limit=limit)
+    return out, logits, idx, weights

@@ -1,0 +1,1 @@
+"""Comparison of traces: naming, metrics, tolerances, teacher-forced and free-running comparison."""

@@ -1,0 +1,145 @@
+"""Seeded random weights in the canonical (HF-named, dense) state dict that exercise every branch.
+
+transformers' own initialisation (std 0.02, zero expert biases, empty sinks) hides the bugs this
+project exists to find, so the generator sets every scale on purpose:
+
+- `typical`: non-zero biases everywhere, sinks of a few units, gate/up pre-activations wide
+  enough that the SwiGLU clamp is active on a measurable share of elements.
+- `stress`: sinks up to ±100 (a softmax without the max subtraction overflows), pre-activations
+  far past the clamp, and pairs of experts whose router rows differ below bf16 resolution
+  (near-tied router logits).
+
+Every value is rounded through bfloat16 once, so the same model exists exactly in bf16, float32
+and float64, and a bf16 checkpoint holds it without loss.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from .config import ModelSpec
+
+PROFILES = ("typical", "stress")
+
+
+def canonical_names(spec: ModelSpec) -> list[str]:
+    """Every tensor name of the dense canonical state dict, in checkpoint order."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(spec.num_layers):
+        names += [f"model.layers.{i}.{n}" for n in LAYER_TENSORS]
+    return names + ["model.norm.weight", "lm_head.weight"]
+
+
+LAYER_TENSORS = (
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight", "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight", "self_attn.v_proj.bias",
+    "self_attn.o_proj.weight", "self_attn.o_proj.bias",
+    "self_attn.sinks",
+    "post_attention_layernorm.weight",
+    "mlp.router.weight", "mlp.router.bias",
+    "mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias",
+    "mlp.experts.down_proj", "mlp.experts.down_proj_bias",
+)
+
+
+def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The dense canonical shape of every tensor (HF module layout, experts as x @ W)."""
+    h, d, e, inter = spec.hidden_size, spec.head_dim, spec.num_experts, spec.intermediate_size
+    nq, nkv = spec.num_heads * d, spec.num_kv_heads * d
+    per_layer = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (nq, h), "self_attn.q_proj.bias": (nq,),
+        "self_attn.k_proj.weight": (nkv, h), "self_attn.k_proj.bias": (nkv,),
+        "self_attn.v_proj.weight": (nkv, h), "self_attn.v_proj.bias": (nkv,),
+        "self_attn.o_proj.weight": (h, nq), "self_attn.o_proj.bias": (h,),
+        "self_attn.sinks": (spec.num_heads,),
+        "mlp.router.weight": (e, h), "mlp.router.bias": (e,),
+        "mlp.experts.gate_up_proj": (e, h, 2 * inter), "mlp.experts.gate_up_proj_bias": (e, 2 * inter),
+        "mlp.experts.down_proj": (e, inter, h), "mlp.experts.down_proj_bias": (e, h),
+    }
+    shapes = {"model.embed_tokens.weight": (spec.vocab_size, h)}
+    for i in range(spec.num_layers):
+        shapes.update({f"model.layers.{i}.{n}": s for n, s in per_layer.items()})
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (spec.vocab_size, h)})
+    return shapes
+
+
+def _draw(name: str, shape: tuple[int, ...], spec: ModelSpec, profile: str, gen: torch.Generator) -> torch.Tensor:
+    """One tensor, in float32, with a scale chosen so that its branch is exercised."""
+    h, inter = spec.hidden_size, spec.intermediate_size
+    stress = profile == "stress"
+
+    def normal(std: float, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(shape, generator=gen) * std + mean
+
+    leaf = name.rsplit(".", 2)[-2:] if name.startswith("model.layers.") else [name]
+    key = ".".join(leaf)
+    if name in ("model.embed_tokens.weight",):
+        return normal(1.0)
+    if name == "lm_head.weight":
+        return normal(1.0 / math.sqrt(h))
+    if key.endswith("layernorm.weight") or name == "model.norm.weight":
+        return normal(0.2, mean=1.0)
+    if key.endswith("sinks"):
+        if not stress:
+            return torch.empty(shape).uniform_(-4.0, 4.0, generator=gen)
+        # half the heads at ±(5..20), a quarter at ±100 (overflow without the max), the rest near 0
+        mag = torch.empty(shape).uniform_(5.0, 20.0, generator=gen)
+        mag[::4] = 100.0
+        mag[1::4] = torch.empty(mag[1::4].shape).uniform_(0.0, 1.0, generator=gen)
+        sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+        return mag * sign
+    if key.endswith(("q_proj.weight", "k_proj.weight")):
+        return normal(1.2 / math.sqrt(h))
+    if key.endswith("v_proj.weight"):
+        return normal(1.0 / math.sqrt(h))
+    if key.endswith("o_proj.weight"):
+        return normal(1.0 / math.sqrt(shape[1]))
+    if key.endswith("router.weight"):
+        w = normal(1.0 / math.sqrt(h))
+        if stress:
+            # pairs of experts whose rows differ by one part in 2^12: tied in bf16 logits, not in f64
+            w[1::2] = w[0::2][: w[1::2].shape[0]] * (1 + 2.0 ** -12)
+        return w
+    if key.endswith("router.bias"):
+        b = normal(0.5)
+        if stress:
+            b[1::2] = b[0::2][: b[1::2].shape[0]]
+        return b
+    if key.endswith("gate_up_proj"):
+        # pre-activations ~N(0, s²): s = 3 clamps a few percent of elements, s = 20 most of them
+        return normal((20.0 if stress else 3.5) / math.sqrt(h))
+    if key.endswith("gate_up_proj_bias"):
+        return normal(4.0 if stress else 1.0)
+    if key.endswith("down_proj"):
+        return normal(1.0 / math.sqrt(inter) / (4.0 if stress else 1.0))
+    if key.endswith("bias"):
+        return normal(0.5)
+    raise KeyError(f"no generator rule for {name}")
+
+
+def iter_random_weights(spec: ModelSpec, seed: int = 0, profile: str = "typical",
+                        dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, so a full-size checkpoint never sits in memory whole.
+    Each tensor has its own generator seeded from (seed, name): the stream is reproducible in any
+    order and any subset (e.g. `--layers N` on a big preset gives the first N layers of the full model)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile: expected one of {PROFILES}, got {profile!r}")
+    for name, shape in canonical_shapes(spec).items():
+        gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+        yield name, _draw(name, shape, spec, profile, gen).to(torch.bfloat16).to(dtype)
+
+
+def random_weights(spec: ModelSpec, seed: int = 0, profile: str = "typical",
+                   dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return {n: t.to(device) for n, t in iter_random_weights(spec, seed, profile, dtype)}
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    import hashlib
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF

@@ -1,16 +1,21 @@
 """Shared fixtures, marks and hypothesis profiles.
 
 Profiles: `ci` (derandomized, bounded, no deadline; the default) and `thorough` (many more
-examples), chosen with GPTOSS_HYPOTHESIS_PROFILE=thorough. Failing examples are printed with
-`@reproduce_failure`-free, paste-able `@example(...)` blobs (print_blob=True).
+examples), chosen with GPTOSS_HYPOTHESIS_PROFILE=thorough. A failing example is printed as the
+call's arguments ("Falsifying example: test_x(a=..., b=...)"), which paste into `@example(...)`.
 """
 from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-from hypothesis import HealthCheck, settings
+
+# Without a GPU, Triton kernels run under the interpreter; it must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, max_examples=25, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

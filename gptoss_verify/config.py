@@ -106,7 +106,7 @@ class ModelSpec:
         """The published `config.json` field set (SPEC.md §4), with `truncate` always written."""
         cfg: dict[str, Any] = {
             "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
-            "eos_token_id": 200002, "experts_per_token": self.experts_per_token,
+            "experts_per_token": self.experts_per_token,
             "head_dim": self.head_dim, "hidden_act": "silu", "hidden_size": self.hidden_size,
             "initial_context_length": self.rope_original_max_position, "initializer_range": 0.02,
             "intermediate_size": self.intermediate_size, "layer_types": self.layer_types,
@@ -114,7 +114,7 @@ class ModelSpec:
             "num_attention_heads": self.num_heads, "num_experts_per_tok": self.experts_per_token,
             "num_hidden_layers": self.num_layers, "num_key_value_heads": self.num_kv_heads,
             "num_local_experts": self.num_experts, "output_router_logits": False,
-            "pad_token_id": 199999, "rms_norm_eps": self.rms_norm_eps,
+            "rms_norm_eps": self.rms_norm_eps,
             "rope_scaling": {"beta_fast": self.rope_beta_fast, "beta_slow": self.rope_beta_slow,
                              "factor": self.rope_factor,
                              "original_max_position_embeddings": self.rope_original_max_position,
@@ -123,6 +123,8 @@ class ModelSpec:
             "sliding_window": self.sliding_window, "swiglu_limit": self.swiglu_limit,
             "tie_word_embeddings": False, "use_cache": True, "vocab_size": self.vocab_size,
         }
+        if self.vocab_size > 200002:  # the published tokenizer's ids; a toy vocabulary has none
+            cfg.update(eos_token_id=200002, pad_token_id=199999)
         if self.swiglu_alpha != 1.702:
             cfg["swiglu_alpha"] = self.swiglu_alpha
         if mxfp4:

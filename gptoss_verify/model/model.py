@@ -106,8 +106,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, layer)
 
-    def forward(self, x, cos, sin, pos, cache, fns, trace):
+    def forward(self, x, cos, sin, pos, cache, fns, trace, mlp_input: torch.Tensor | None = None):
+        """x + attention, then + MLP. `mlp_input` replaces the attention block's result as the MLP
+        block's input (teacher forcing at block granularity); the attention block still runs."""
         attend, mix = fns
+        x = self.attention_block(x, cos, sin, pos, cache, attend, trace)
+        return self.mlp_block(x if mlp_input is None else mlp_input, mix, trace)
+
+    def attention_block(self, x, cos, sin, pos, cache, attend, trace):
         name = lambda point: layer_name(self.layer, point)  # noqa: E731
         record(trace, name("input"), x)
         h = self.input_layernorm(x)
@@ -116,6 +122,10 @@ class DecoderLayer(nn.Module):
         record(trace, name("attn_out"), a)
         x = x + a
         record(trace, name("resid_attn"), x)
+        return x
+
+    def mlp_block(self, x, mix, trace):
+        name = lambda point: layer_name(self.layer, point)  # noqa: E731
         h = self.post_attention_layernorm(x)
         record(trace, name("mlp_norm"), h)
         m = self.mlp(h, mix, trace)
@@ -184,8 +194,10 @@ class Transformer(nn.Module):
         record(trace, "logits", logits)
         return logits
 
-    def layer_forward(self, layer: int, x: torch.Tensor, start_pos: int = 0,
-                      trace: Trace | None = None) -> torch.Tensor:
-        """One decoder layer on a given residual stream x [B, S, H] (no cache): teacher forcing."""
+    def layer_forward(self, layer: int, x: torch.Tensor, start_pos: int = 0, trace: Trace | None = None,
+                      mlp_input: torch.Tensor | None = None) -> torch.Tensor:
+        """One decoder layer on a given residual stream x [B, S, H] (no cache): teacher forcing.
+        With `mlp_input`, the MLP block is fed that instead of the attention block's output."""
         cos, sin = self.rope_tables(start_pos, x.shape[1], x.device)
-        return self.model.layers[layer](x, cos, sin, start_pos, None, block_functions(self.backend), trace)
+        return self.model.layers[layer](x, cos, sin, start_pos, None, block_functions(self.backend), trace,
+                                        mlp_input)

@@ -1,0 +1,1 @@
+"""Reference implementations we check against (transformers). Nothing in model/ imports this."""

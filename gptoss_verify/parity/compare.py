@@ -1,0 +1,223 @@
+"""Teacher-forced per-layer and free-running end-to-end comparison of ours against the oracle.
+
+Teacher forcing feeds each of our layers the oracle's input of that layer, so a divergence is
+located at the first (layer, point) where it appears instead of being smeared over every later
+layer. In float64 ours and the oracle are compared directly. In a low precision our float64
+reference, fed the same inputs, is the truth, and `tolerances.py` says how close each must be.
+The truth is evaluated one layer at a time (`Float64Shadow`), so a full-width model never needs a
+float64 copy of all its weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import torch
+
+from ..model import faults
+from ..model.model import DecoderLayer, Transformer
+from . import metrics
+from .tolerances import dtype_name, tolerance
+from .trace import LAYER_POINTS, Trace, layer_name, ordered_names, split_name
+
+TEACHER, FREE = "teacher-forced", "free-running"
+# Points computed in float32 from the teacher-forced input itself and rounded once.
+ROUNDED_ONCE = ("attn_norm", "final_norm")
+NARROW = (torch.bfloat16, torch.float16)
+# Points downstream of the expert choice: tokens whose chosen set differs between ours and the
+# oracle (an implementation-defined near-tie) are left out of these comparisons and counted.
+AFTER_ROUTING = ("topk_weights", "mlp_out", "resid_mlp")
+
+
+@dataclasses.dataclass
+class PointResult:
+    mode: str
+    name: str
+    kind: str
+    measure: float          # ours' error, or agreement for `routing`
+    oracle_measure: float   # the oracle's error against the truth (truth rule), else nan
+    bound: float
+    passed: bool
+    max_abs: float = math.nan
+    rel_l2: float = math.nan
+    cosine: float = math.nan
+    max_ulp: float = math.nan
+
+    @property
+    def layer(self) -> int | None:
+        return split_name(self.name)[0]
+
+    @property
+    def point(self) -> str:
+        return split_name(self.name)[1]
+
+
+class Float64Shadow:
+    """Our model's layers re-run in float64 on demand, one layer's weights widened at a time."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.spec = model.spec
+
+    def _params(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {n[len(prefix):]: p.detach().to(torch.float64)
+                for n, p in self.model.named_parameters() if n.startswith(prefix)}
+
+    def layer_forward(self, layer: int, x: torch.Tensor, start_pos: int, trace: Trace | None,
+                      mlp_input: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.device("meta"):
+            block = DecoderLayer(self.spec, layer)
+        block.load_state_dict(self._params(f"model.layers.{layer}."), strict=True, assign=True)
+        from ..model.rope import cos_sin
+        from ..model.model import block_functions
+        cos, sin = cos_sin(self.spec, torch.arange(start_pos, start_pos + x.shape[1], device=x.device),
+                           torch.float64, self.model.angle_dtype)
+        return block(x.to(torch.float64), cos, sin, start_pos, None, block_functions("reference"), trace,
+                     None if mlp_input is None else mlp_input.to(torch.float64))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens.weight.detach()[input_ids].to(torch.float64)
+
+    def head(self, x: torch.Tensor, trace: Trace | None) -> torch.Tensor:
+        from ..model.norm import rms_norm
+        h = rms_norm(x.to(torch.float64), self.model.model.norm.weight.detach().double(), self.spec.rms_norm_eps)
+        if trace is not None:
+            trace.record("final_norm", h)
+        logits = h @ self.model.lm_head.weight.detach().double().T
+        if trace is not None:
+            trace.record("logits", logits)
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int, trace: Trace | None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if trace is not None:
+            trace.record("embed", x)
+        for i in range(self.spec.num_layers):
+            x = self.layer_forward(i, x, start_pos, trace)
+        return self.head(x, trace)
+
+
+def compare_point(mode: str, name: str, ours: torch.Tensor, oracle: torch.Tensor,
+                  truth: torch.Tensor | None, dtype: torch.dtype, judged: bool = True,
+                  tokens: torch.Tensor | None = None) -> list[PointResult]:
+    """One or two rows for one point: the main rule, plus the rounding rule where it applies.
+    `judged=False` reports the measures without a verdict (kind `drift`); `tokens` [B, S] bool
+    restricts the comparison to those tokens."""
+    dname = dtype_name(dtype)
+    point = split_name(name)[1]
+    if tokens is not None:
+        ours, oracle = ours[tokens], oracle[tokens]
+        truth = None if truth is None else truth[tokens]
+    if not ours.is_floating_point():
+        tol = tolerance(dname, "routing")
+        agree = metrics.set_agreement(ours, oracle)
+        return [PointResult(mode, name, "routing", agree, math.nan, tol.limit, agree >= tol.limit)]
+    stats = dict(max_abs=metrics.max_abs(ours, oracle), rel_l2=metrics.rel_l2(ours, oracle),
+                 cosine=metrics.cosine(ours, oracle), max_ulp=metrics.max_ulp(ours, oracle, dtype))
+    if truth is None:
+        tol = tolerance(dname, "oracle")
+        err = metrics.rel_max_abs(ours, oracle)
+        return [PointResult(mode, name, "oracle", err, math.nan, tol.limit, _le(err, tol.limit), **stats)]
+    err, err_oracle = metrics.rel_max_abs(ours, truth), metrics.rel_max_abs(oracle, truth)
+    if not judged:
+        return [PointResult(mode, name, "drift", err, err_oracle, math.nan, True, **stats)]
+    tol = tolerance(dname, "truth")
+    bound = tol.factor * err_oracle + tol.limit
+    rows = [PointResult(mode, name, "truth", err, err_oracle, bound, _le(err, bound), **stats)]
+    if mode == TEACHER and point in ROUNDED_ONCE and dtype in NARROW:
+        rtol = tolerance(dname, "rounding")
+        share = metrics.not_correctly_rounded_share(ours, truth, dtype)
+        rows.append(PointResult(mode, name, "rounding", share,
+                                metrics.not_correctly_rounded_share(oracle, truth, dtype),
+                                rtol.limit, _le(share, rtol.limit)))
+    return rows
+
+
+def _le(value: float, bound: float) -> bool:
+    """value ≤ bound, with NaN always failing."""
+    return not math.isnan(value) and value <= bound
+
+
+def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype: torch.dtype,
+                   shadow: Float64Shadow | None, fault_names: tuple[str, ...] = ()
+                   ) -> tuple[list[PointResult], int]:
+    """Each of our attention blocks fed the oracle's input of that layer, each MLP block the
+    oracle's residual after attention, the head its final residual. Returns the rows and the
+    number of tokens left out after routing (near-ties chosen differently by the two sides)."""
+    rows: list[PointResult] = []
+    excluded = 0
+    n = ours.spec.num_layers
+    for i in range(n):
+        x, mid = oracle_trace[layer_name(i, "input")], oracle_trace[layer_name(i, "resid_attn")]
+        mine, true = Trace(), Trace() if shadow else None
+        with torch.no_grad():
+            with faults.inject(*fault_names):
+                ours.layer_forward(i, x, start_pos, mine, mlp_input=mid)
+            if shadow:
+                shadow.layer_forward(i, x, start_pos, true, mlp_input=mid)
+        idx = layer_name(i, "topk_idx")
+        same_choice = (mine[idx].sort(-1).values == oracle_trace[idx].sort(-1).values).all(-1)
+        excluded += int((~same_choice).sum())
+        for point in LAYER_POINTS[1:]:
+            name = layer_name(i, point)
+            rows += compare_point(TEACHER, name, mine[name], oracle_trace[name], true[name] if true else None,
+                                  dtype, tokens=same_choice if point in AFTER_ROUTING else None)
+    x = oracle_trace[layer_name(n - 1, "resid_mlp")]
+    mine, true = Trace(), Trace() if shadow else None
+    with torch.no_grad():
+        with faults.inject(*fault_names):
+            ours.head(x, mine)
+        if shadow:
+            shadow.head(x, true)
+    for name in ("final_norm", "logits"):
+        rows += compare_point(TEACHER, name, mine[name], oracle_trace[name], true[name] if true else None, dtype)
+    return rows, excluded
+
+
+def free_running(ours_trace: Trace, oracle_trace: Trace, truth_trace: Trace | None,
+                 dtype: torch.dtype, num_layers: int) -> list[PointResult]:
+    """Both models run end to end on the same tokens; every point compared, then the logits'
+    next-token distributions (KL) by the truth rule."""
+    rows: list[PointResult] = []
+    for name in ordered_names(num_layers):
+        if split_name(name)[1] == "input":
+            continue
+        rows += compare_point(FREE, name, ours_trace[name], oracle_trace[name],
+                              truth_trace[name] if truth_trace else None, dtype, judged=truth_trace is None)
+    if truth_trace is not None:
+        tol = tolerance(dtype, "free-logits")
+        kl = metrics.kl_next_token(truth_trace["logits"], ours_trace["logits"], "median")
+        kl_oracle = metrics.kl_next_token(truth_trace["logits"], oracle_trace["logits"], "median")
+        bound = tol.factor * kl_oracle + tol.limit
+        rows.append(PointResult(FREE, "logits", "free-logits", kl, kl_oracle, bound, _le(kl, bound)))
+    return rows
+
+
+def first_divergence(rows: list[PointResult], num_layers: int) -> PointResult | None:
+    """The earliest failing point: teacher-forced rows in trace order first, then free-running."""
+    order = {name: k for k, name in enumerate(ordered_names(num_layers))}
+    failed = [r for r in rows if not r.passed]
+    failed.sort(key=lambda r: (r.mode != TEACHER, order.get(r.name, len(order))))
+    return failed[0] if failed else None
+
+
+def clamp_active_share(model: Transformer, trace: Trace) -> float:
+    """Share of the chosen experts' SwiGLU elements on which a clamp acts (gate > limit or
+    |up| > limit), measured on the trace's normed MLP inputs."""
+    limit = model.spec.swiglu_limit
+    active = total = 0
+    for i, layer in enumerate(model.model.layers):
+        h = trace[layer_name(i, "mlp_norm")].reshape(-1, model.spec.hidden_size)
+        idx = trace[layer_name(i, "topk_idx")].reshape(h.shape[0], -1)
+        x = layer.mlp.experts
+        for e in torch.unique(idx).tolist():
+            tok = torch.where(idx == e)[0]
+            gu = h[tok].double() @ x.gate_up_proj[e].double() + x.gate_up_proj_bias[e].double()
+            gate, up = gu[..., 0::2], gu[..., 1::2]
+            active += int((gate > limit).sum() + (up.abs() > limit).sum())
+            total += gu.numel()
+    return active / max(total, 1)
+
+
+def router_tie_count(trace: Trace, num_layers: int, k: int, dtype: torch.dtype) -> int:
+    return sum(metrics.router_ties(trace[layer_name(i, "router_logits")], k, dtype) for i in range(num_layers))
+

@@ -1,0 +1,97 @@
+"""One parity case end to end: weights, tokens, the oracle, ours, the float64 truth, the comparisons."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from ..config import ModelSpec
+from ..model import Transformer, faults
+from ..weights import random_weights
+from . import metrics
+from .compare import (FREE, TEACHER, Float64Shadow, PointResult, clamp_active_share, first_divergence,
+                      free_running, router_tie_count, teacher_forced)
+from .trace import Trace
+
+
+@dataclasses.dataclass
+class ParityCase:
+    spec: ModelSpec
+    dtype: torch.dtype = torch.float64
+    profile: str = "typical"
+    seed: int = 0
+    batch: int = 2
+    seq: int = 40
+    offset: int = 0
+    device: str = "cpu"
+    backend: str = "reference"
+    faults: tuple[str, ...] = ()
+    weights_source: str = "random"
+
+
+@dataclasses.dataclass
+class ParityResult:
+    case: ParityCase
+    rows: list[PointResult]
+    first_divergence: PointResult | None
+    clamp_share: float
+    router_ties: int
+    routing_agreement: float
+    argmax_agreement: float
+    kl_ours: float
+    tie_tokens_excluded: int
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.first_divergence is None
+
+
+def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> ParityResult:
+    """Run one case. `state` (canonical dense tensors) overrides the random weights; it is shared
+    by ours and the oracle, never copied (cast only where its dtype differs from the case's)."""
+    from ..oracles.hf import HFOracle  # the only import of transformers, kept out of module load
+
+    start = time.perf_counter()
+    spec = case.spec
+    if state is None:
+        state = random_weights(spec, case.seed, case.profile, case.dtype, case.device)
+    else:
+        state = {n: t.to(device=case.device, dtype=case.dtype) if t.is_floating_point() else t
+                 for n, t in state.items()}
+    ours = Transformer.from_state_dict(spec, state, backend=case.backend)
+    oracle = HFOracle(spec, state)
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    ids = torch.randint(0, spec.vocab_size, (case.batch, case.seq), generator=gen).to(case.device)
+
+    oracle_trace, ours_trace = Trace(), Trace()
+    with torch.no_grad():
+        oracle(ids, case.offset, oracle_trace)
+        with faults.inject(*case.faults):
+            ours(ids, case.offset, trace=ours_trace)
+    low_precision = case.dtype != torch.float64
+    shadow = Float64Shadow(ours) if low_precision else None
+    truth_trace = None
+    if shadow is not None:
+        truth_trace = Trace()
+        with torch.no_grad():
+            shadow.forward(ids, case.offset, truth_trace)
+
+    rows, excluded = teacher_forced(ours, oracle_trace, case.offset, case.dtype, shadow, case.faults)
+    rows += free_running(ours_trace, oracle_trace, truth_trace, case.dtype, spec.num_layers)
+    reference = truth_trace if truth_trace is not None else oracle_trace
+    idx_agree = [metrics.set_agreement(ours_trace[n], oracle_trace[n]) for n in ours_trace.names()
+                 if n.endswith("topk_idx")]
+    return ParityResult(
+        case=case, rows=rows, first_divergence=first_divergence(rows, spec.num_layers),
+        clamp_share=clamp_active_share(ours, reference),
+        router_ties=router_tie_count(oracle_trace, spec.num_layers, spec.experts_per_token, case.dtype),
+        routing_agreement=min(idx_agree) if idx_agree else 1.0,
+        argmax_agreement=metrics.argmax_agreement(ours_trace["logits"], reference["logits"]),
+        kl_ours=metrics.kl_next_token(reference["logits"], ours_trace["logits"]),
+        tie_tokens_excluded=excluded,
+        seconds=time.perf_counter() - start)
+
+
+__all__ = ["ParityCase", "ParityResult", "run_case", "TEACHER", "FREE"]

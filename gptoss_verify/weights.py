@@ -5,9 +5,11 @@ project exists to find, so the generator sets every scale on purpose:
 
 - `typical`: non-zero biases everywhere, sinks of a few units, gate/up pre-activations wide
   enough that the SwiGLU clamp is active on a measurable share of elements.
-- `stress`: sinks up to ±100 (a softmax without the max subtraction overflows), pre-activations
-  far past the clamp, and pairs of experts whose router rows differ below bf16 resolution
-  (near-tied router logits).
+- `stress`: sinks up to ±100, and on the heads whose sink is +100, query/key biases along the
+  slowest-rotating RoPE pair that put their scores near +97 as well, so that a softmax without
+  the max subtraction overflows to inf/inf where the true probabilities are ordinary;
+  pre-activations far past the clamp; pairs of experts whose router rows differ below bf16
+  resolution (near-tied router logits).
 
 Every value is rounded through bfloat16 once, so the same model exists exactly in bf16, float32
 and float64, and a bf16 checkpoint holds it without loss.
@@ -89,10 +91,15 @@ def _draw(name: str, shape: tuple[int, ...], spec: ModelSpec, profile: str, gen:
             return torch.empty(shape).uniform_(-4.0, 4.0, generator=gen)
         # half the heads at ±(5..20), a quarter at ±100 (overflow without the max), the rest near 0
         mag = torch.empty(shape).uniform_(5.0, 20.0, generator=gen)
-        mag[::4] = 100.0
         mag[1::4] = torch.empty(mag[1::4].shape).uniform_(0.0, 1.0, generator=gen)
         sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+        sign[::4] = 1.0
+        mag[::4] = HUGE_SINK
+        mag[2::8] = HUGE_SINK  # and some at −100
+        sign[2::8] = -1.0
         return mag * sign
+    if stress and key.endswith(("q_proj.bias", "k_proj.bias")):
+        return _overflow_bias(key, shape, spec, gen)
     if key.endswith(("q_proj.weight", "k_proj.weight")):
         return normal(1.2 / math.sqrt(h))
     if key.endswith("v_proj.weight"):
@@ -120,6 +127,24 @@ def _draw(name: str, shape: tuple[int, ...], spec: ModelSpec, profile: str, gen:
     if key.endswith("bias"):
         return normal(0.5)
     raise KeyError(f"no generator rule for {name}")
+
+
+HUGE_SINK = 100.0
+
+
+def _overflow_bias(key: str, shape: tuple[int, ...], spec: ModelSpec, gen: torch.Generator) -> torch.Tensor:
+    """q/k biases whose product, on the slowest RoPE pair (dims D/2−1 and D−1, nearly unrotated
+    over thousands of positions), adds ≈ +97 to the scores of the heads whose sink is +100
+    (every 4th query head; keys get the bias on every kv head)."""
+    d = spec.head_dim
+    bias = torch.randn(shape, generator=gen) * 0.5
+    per_head = bias.view(-1, d)
+    # score contribution = 2·b² · concentration² / √D; solve for b so that it is ≈ 97
+    b = math.sqrt(97.0 * math.sqrt(d) / (2 * spec.concentration ** 2))
+    heads = range(0, per_head.shape[0], 4) if key.endswith("q_proj.bias") else range(per_head.shape[0])
+    for h in heads:
+        per_head[h, d // 2 - 1] = per_head[h, d - 1] = b
+    return bias
 
 
 def iter_random_weights(spec: ModelSpec, seed: int = 0, profile: str = "typical",

@@ -23,6 +23,11 @@ settings.register_profile("thorough", max_examples=500, deadline=None, print_blo
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("GPTOSS_HYPOTHESIS_PROFILE", "ci"))
 
+# Under pytest-xdist each worker is one process on a shared small machine: one intra-op thread
+# each, or OpenMP threads of several workers spin against each other (8 minutes instead of 1).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 

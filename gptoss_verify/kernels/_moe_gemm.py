@@ -1,0 +1,147 @@
+"""Grouped GEMM kernels of the fused MoE and the deterministic combine.
+
+Row blocks come from `align_kernel` (one expert per block). Weights are read either dense in the HF
+layout (`[E, in, out]`, used as x @ W) or as MXFP4 checkpoint blocks/scales (`[E, out, in/32, 16]` and
+`[E, out, in/32]`), decoded tile by tile in the inner loop (`mxfp4.decode_tile`).
+
+GEMM 1: gathered token rows @ gate_up[e] + bias, then the clamped SwiGLU on the interleaved columns
+(even = gate, odd = up) in the epilogue; only the activation [rows, I] is written.
+GEMM 2: activation @ down[e] + bias, times the routing weight, written in slot order (float32).
+Combine: each token sums its k slot rows in order j = 0..k−1 (no atomics), cast once.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .mxfp4 import decode_tile
+
+
+@triton.jit
+def _tile_ids(pid, num_m, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row blocks sweep the columns together, so weight tiles stay in L2."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se, stride_sn,
+                 MXFP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 DTYPE: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of expert e's weight at (k0, offs_n), as DTYPE."""
+    if MXFP4:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        base_w = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
+        base_s = s_ptr + e * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
+        if EVEN_K:
+            packed = tl.load(base_w + offs_b[None, :], mask=n_ok[:, None], other=0)
+            scales = tl.load(base_s + offs_g[None, :], mask=n_ok[:, None], other=127)
+        else:
+            packed = tl.load(base_w + offs_b[None, :], mask=n_ok[:, None] & (offs_b < K // 2)[None, :], other=0)
+            scales = tl.load(base_s + offs_g[None, :], mask=n_ok[:, None] & (offs_g < K // 32)[None, :], other=127)
+        return tl.trans(decode_tile(packed, scales, BLOCK_N, BLOCK_K).to(DTYPE))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        ptrs = w_ptr + e * stride_we + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn
+        if EVEN_K:
+            return tl.load(ptrs, mask=n_ok[None, :], other=0.0)
+        return tl.load(ptrs, mask=(offs_k < K)[:, None] & n_ok[None, :], other=0.0)
+
+
+@triton.jit
+def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, sorted_slot_ptr, block_expert_ptr, block_rows_ptr,
+                   N, K, num_m, stride_h, stride_we, stride_wk, stride_wn, stride_se, stride_sn, stride_be,
+                   stride_act, alpha, limit,
+                   TOPK: tl.constexpr, MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
+    nrows = tl.load(block_rows_ptr + pid_m)
+    if nrows == 0:
+        return
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < nrows
+    slot = tl.load(sorted_slot_ptr + pid_m * BLOCK_M + offs_m, mask=row_ok, other=0)
+    token = (slot // TOPK).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    a_base = h_ptr + token[:, None] * stride_h
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        b = _weight_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se,
+                         stride_sn, MXFP4, BLOCK_N, BLOCK_K, EVEN_K, a.dtype)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    bias = tl.load(bias_ptr + e * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    acc = acc + bias[None, :]
+    gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N // 2, 2]))
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    act = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+    offs_i = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    rows = (pid_m * BLOCK_M + offs_m).to(tl.int64)
+    tl.store(act_ptr + rows[:, None] * stride_act + offs_i[None, :], act.to(act_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_i < N // 2)[None, :])
+
+
+@triton.jit
+def down_kernel(act_ptr, w_ptr, s_ptr, bias_ptr, weights32_ptr, y_ptr, sorted_slot_ptr, block_expert_ptr,
+                block_rows_ptr, N, K, num_m, stride_act, stride_we, stride_wk, stride_wn, stride_se, stride_sn,
+                stride_be, stride_y,
+                MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
+    nrows = tl.load(block_rows_ptr + pid_m)
+    if nrows == 0:
+        return
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < nrows
+    rows = (pid_m * BLOCK_M + offs_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    a_base = act_ptr + rows[:, None] * stride_act
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        b = _weight_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se,
+                         stride_sn, MXFP4, BLOCK_N, BLOCK_K, EVEN_K, a.dtype)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    slot = tl.load(sorted_slot_ptr + pid_m * BLOCK_M + offs_m, mask=row_ok, other=0)
+    bias = tl.load(bias_ptr + e * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    weight = tl.load(weights32_ptr + slot, mask=row_ok, other=0.0)
+    y = (acc + bias[None, :]) * weight[:, None]
+    tl.store(y_ptr + slot[:, None].to(tl.int64) * stride_y + offs_n[None, :], y,
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def combine_kernel(y_ptr, out_ptr, N, stride_y, stride_out, TOPK: tl.constexpr, BLOCK_N: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        acc += tl.load(y_ptr + (token * TOPK + j) * stride_y + offs_n, mask=n_ok, other=0.0)
+    tl.store(out_ptr + token * stride_out + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)

@@ -1,0 +1,265 @@
+"""The fused MoE: `fused_moe` (dense bf16/fp16/fp32 experts) and `fused_moe_mxfp4` (checkpoint MXFP4
+experts decoded in the GEMM inner loop), both with the reference `model.moe.moe` signature and return.
+
+Forward, five Triton launches and one memset, no host synchronisation (CUDA-graph capturable):
+router (GEMM + bias + top-k + softmax over the k + per-expert counts) -> align (group slots by
+expert) -> GEMM 1 (gate_up + bias + clamped SwiGLU) -> GEMM 2 (down + bias, × routing weight) ->
+combine (deterministic sum of each token's k slots). Accumulation is float32 throughout; the
+routing is chosen on the float32 logits (lowest expert index wins an exact tie) and the returned
+logits are those rounded to the input dtype.
+
+Backward is not fused: under autograd the forward above runs, and the backward recomputes the
+reference `moe` (with the MXFP4 experts decoded) and differentiates that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..model import moe as reference
+from . import _moe_gemm, _moe_routing
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Tile shapes of the grouped GEMMs. block_m is shared by both GEMMs (it is the row padding)."""
+    block_m: int = 64
+    block_n1: int = 128  # GEMM 1 columns of gate_up (interleaved), so block_n1/2 activation columns
+    block_n2: int = 128
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoEConfig:
+    """A tile shape from the mean rows per expert: skinny tiles for decode, wide ones for prefill."""
+    if _interpreting():
+        return MoEConfig(block_m=16, block_n1=32, block_n2=32, block_k=32, group_m=4, num_warps=4, num_stages=1)
+    rows = tokens * k / experts
+    if rows <= 16:
+        return MoEConfig(16, 64, 64, 128, 8, 4, 4)
+    if rows <= 64:
+        return MoEConfig(64, 128, 128, 64, 8, 4, 4)
+    if mxfp4:
+        return MoEConfig(128, 128, 128, 64, 8, 8, 3)
+    return MoEConfig(128, 256, 128, 64, 8, 8, 3)
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _fail(name: str, expected: str, actual) -> None:
+    raise ValueError(f"fused_moe: {name}: expected {expected}, got {actual}")
+
+
+def _check_dense(h, rw, rb, gu, gub, dn, dnb, k):
+    if h.dim() != 2:
+        _fail("h", "[T, H]", list(h.shape))
+    if h.dtype not in _DTYPES:
+        _fail("h", f"one of {_DTYPES}", h.dtype)
+    t, hid = h.shape
+    e = rw.shape[0]
+    if list(rw.shape) != [e, hid]:
+        _fail("router_weight", f"[E, {hid}]", list(rw.shape))
+    if list(rb.shape) != [e]:
+        _fail("router_bias", f"[{e}]", list(rb.shape))
+    if not 1 <= k <= e:
+        _fail("k", f"1 <= k <= E = {e}", k)
+    if gu is not None:
+        if gu.dim() != 3 or gu.shape[0] != e or gu.shape[1] != hid or gu.shape[2] % 2:
+            _fail("gate_up", f"[{e}, {hid}, 2I]", list(gu.shape))
+        inter = gu.shape[2] // 2
+        if list(dn.shape) != [e, inter, hid]:
+            _fail("down", f"[{e}, {inter}, {hid}]", list(dn.shape))
+    for name, x in (("router_weight", rw), ("router_bias", rb), ("gate_up", gu), ("down", dn),
+                    ("gate_up_bias", gub), ("down_bias", dnb)):
+        if x is not None and x.device != h.device:
+            _fail(name, f"device {h.device}", x.device)
+        if x is not None and x.dtype != h.dtype:
+            _fail(name, f"dtype {h.dtype} (as h)", x.dtype)
+    if h.device.type != "cuda" and not _interpreting():
+        _fail("h", "a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)", h.device)
+    return t, hid, e
+
+
+def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter, mxfp4, config=None):
+    """The launch sequence shared by the dense and MXFP4 paths (weights already checked)."""
+    t, hid = h.shape
+    e = rw.shape[0]
+    dev, dtype = h.device, h.dtype
+    cfg = config or choose_config(t, e, k, mxfp4)
+    ieee = dtype == torch.float32
+    h = h.contiguous()
+    rw, rb, gub, dnb = rw.contiguous(), rb.contiguous(), gub.contiguous(), dnb.contiguous()
+    tk = t * k
+
+    logits = torch.empty(t, e, device=dev, dtype=dtype)
+    idx = torch.empty(t, k, device=dev, dtype=torch.int64)
+    weights = torch.empty(t, k, device=dev, dtype=dtype)
+    weights32 = torch.empty(tk, device=dev, dtype=torch.float32)
+    counts = torch.zeros(e, device=dev, dtype=torch.int32)
+    rank = torch.empty(tk, device=dev, dtype=torch.int32)
+    block_t = 16 if t <= 2048 else 32
+    block_e = max(16, triton.next_power_of_2(e))
+    _moe_routing.router_kernel[(triton.cdiv(t, block_t),)](
+        h, rw, rb, logits, idx, weights, weights32, counts, rank, t, hid, e, h.stride(0), rw.stride(0),
+        TOPK=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=64, BLOCK_TOPK=triton.next_power_of_2(k), IEEE=ieee,
+        num_warps=4)
+
+    bm = cfg.block_m
+    num_m = triton.cdiv(tk, bm) + min(e, tk)
+    sorted_slot = torch.empty(num_m * bm, device=dev, dtype=torch.int32)
+    block_expert = torch.empty(num_m, device=dev, dtype=torch.int32)
+    block_rows = torch.empty(num_m, device=dev, dtype=torch.int32)
+    block_s = 1024
+    _moe_routing.align_kernel[(triton.cdiv(tk, block_s),)](
+        idx, rank, counts, sorted_slot, block_expert, block_rows, tk, e, num_m,
+        BLOCK_M=bm, BLOCK_E=block_e, BLOCK_S=block_s, BLOCK_B=64, num_warps=4)
+
+    act = torch.empty(num_m * bm, inter, device=dev, dtype=dtype)
+    n1 = 2 * inter
+    if mxfp4:
+        w1 = (gu_w.stride(0), 0, gu_w.stride(1), gu_s.stride(0), gu_s.stride(1))
+        w2 = (dn_w.stride(0), 0, dn_w.stride(1), dn_s.stride(0), dn_s.stride(1))
+        s1, s2 = gu_s, dn_s
+    else:
+        w1 = (gu_w.stride(0), gu_w.stride(1), gu_w.stride(2), 0, 0)
+        w2 = (dn_w.stride(0), dn_w.stride(1), dn_w.stride(2), 0, 0)
+        s1, s2 = gu_w, dn_w  # unused placeholders
+    _moe_gemm.gate_up_kernel[(num_m * triton.cdiv(n1, cfg.block_n1),)](
+        h, gu_w, s1, gub, act, sorted_slot, block_expert, block_rows, n1, hid, num_m, h.stride(0), *w1,
+        gub.stride(0), act.stride(0), float(alpha), float(limit),
+        TOPK=k, MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=hid % cfg.block_k == 0, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    y = torch.empty(tk, hid, device=dev, dtype=torch.float32)
+    _moe_gemm.down_kernel[(num_m * triton.cdiv(hid, cfg.block_n2),)](
+        act, dn_w, s2, dnb, weights32, y, sorted_slot, block_expert, block_rows, hid, inter, num_m,
+        act.stride(0), *w2, dnb.stride(0), y.stride(0),
+        MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=inter % cfg.block_k == 0, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    out = torch.empty(t, hid, device=dev, dtype=dtype)
+    block_n = 256 if hid >= 256 else triton.next_power_of_2(hid)
+    _moe_gemm.combine_kernel[(t, triton.cdiv(hid, block_n))](
+        y, out, hid, y.stride(0), out.stride(0), TOPK=k, BLOCK_N=block_n, num_warps=4)
+    return out, logits, idx, weights
+
+
+class _FusedMoE(torch.autograd.Function):
+    """Fused forward; backward by autograd through the reference `moe` (recomputed)."""
+
+    @staticmethod
+    def forward(ctx, h, rw, rb, gu, gub, dn, dnb, k, alpha, limit):
+        ctx.save_for_backward(h, rw, rb, gu, gub, dn, dnb)
+        ctx.args = (k, alpha, limit)
+        out = _forward(h, rw, rb, gu, None, gub, dn, None, dnb, k, alpha, limit, gu.shape[2] // 2, False)
+        ctx.mark_non_differentiable(out[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out, d_logits, d_idx, d_weights):
+        return _reference_backward(ctx, (d_out, d_logits, d_weights), lambda *w: w) + (None, None, None)
+
+
+def _reference_backward(ctx, grads, dense):
+    """Gradients of the saved inputs: `dense` maps them to the reference `moe`'s arguments."""
+    k, alpha, limit = ctx.args
+    saved = ctx.saved_tensors
+    with torch.enable_grad():
+        inputs = [x.detach().requires_grad_(x.is_floating_point() and need)
+                  for x, need in zip(saved, ctx.needs_input_grad[:len(saved)])]
+        h, rw, rb, gu, gub, dn, dnb = dense(*inputs)
+        out, logits, _, weights = reference.moe(h, rw, rb, gu, gub, dn, dnb, k=k, alpha=alpha, limit=limit)
+        wanted = [x for x in inputs if x.requires_grad]
+        pairs = [(o, g) for o, g in zip((out, logits, weights), grads) if g is not None and o.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                   if pairs and wanted else [])
+    return tuple(next(got) if x.requires_grad else None for x in inputs)
+
+
+def fused_moe(h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, gate_up: torch.Tensor,
+              gate_up_bias: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, *, k: int,
+              alpha: float, limit: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h [T, H] -> (output [T, H], router logits [T, E], top-k indices [T, k], top-k weights [T, k]),
+    with dense experts gate_up [E, H, 2I] (interleaved gate/up columns) and down [E, I, H]."""
+    _check_dense(h, router_weight, router_bias, gate_up, gate_up_bias, down, down_bias, k)
+    e, inter = gate_up.shape[0], gate_up.shape[2] // 2
+    if list(gate_up_bias.shape) != [e, 2 * inter]:
+        _fail("gate_up_bias", f"[{e}, {2 * inter}]", list(gate_up_bias.shape))
+    if list(down_bias.shape) != [e, h.shape[1]]:
+        _fail("down_bias", f"[{e}, {h.shape[1]}]", list(down_bias.shape))
+    args = (h, router_weight, router_bias, gate_up, gate_up_bias, down, down_bias)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in args):
+        return _FusedMoE.apply(*args, k, alpha, limit)
+    return _forward(h, router_weight, router_bias, gate_up, None, gate_up_bias, down, None, down_bias,
+                    k, alpha, limit, inter, False)
+
+
+class _FusedMoEMXFP4(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, rw, rb, gub, dnb, gu_b, gu_s, dn_b, dn_s, k, alpha, limit):
+        ctx.save_for_backward(h, rw, rb, gub, dnb, gu_b, gu_s, dn_b, dn_s)
+        ctx.args = (k, alpha, limit)
+        out = _forward(h, rw, rb, gu_b, gu_s, gub, dn_b, dn_s, dnb, k, alpha, limit, gu_b.shape[1] // 2, True)
+        ctx.mark_non_differentiable(out[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out, d_logits, d_idx, d_weights):
+        from ..formats.mxfp4 import to_hf_dense
+
+        def dense(h, rw, rb, gub, dnb, gu_b, gu_s, dn_b, dn_s):
+            return (h, rw, rb, to_hf_dense(gu_b, gu_s, h.dtype), gub, to_hf_dense(dn_b, dn_s, h.dtype), dnb)
+
+        return _reference_backward(ctx, (d_out, d_logits, d_weights), dense) + (None, None, None)
+
+
+def _check_mxfp4(name, blocks, scales, e, out, inner):
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        _fail(f"{name}_blocks/scales", "uint8", (blocks.dtype, scales.dtype))
+    if inner % 32:
+        _fail(name, "an input dimension divisible by 32", inner)
+    if list(blocks.shape) != [e, out, inner // 32, 16]:
+        _fail(f"{name}_blocks", f"[{e}, {out}, {inner // 32}, 16]", list(blocks.shape))
+    if list(scales.shape) != [e, out, inner // 32]:
+        _fail(f"{name}_scales", f"[{e}, {out}, {inner // 32}]", list(scales.shape))
+    if blocks.stride(3) != 1 or blocks.stride(2) != 16 or scales.stride(2) != 1:
+        _fail(f"{name}_blocks/scales", "contiguous last dimensions", (blocks.stride(), scales.stride()))
+
+
+def fused_moe_mxfp4(h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
+                    gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
+                    down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor, *, k: int,
+                    alpha: float, limit: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `fused_moe`, with the experts in the checkpoint's MXFP4 layout: gate_up blocks
+    [E, 2I, H/32, 16] and scales [E, 2I, H/32], down blocks [E, H, I/32, 16] and scales [E, H, I/32]
+    (uint8; `formats.mxfp4`); equal to `fused_moe` on `formats.mxfp4.to_hf_dense` of them."""
+    _check_dense(h, router_weight, router_bias, None, gate_up_bias, None, down_bias, k)
+    t, hid = h.shape
+    e = router_weight.shape[0]
+    if gate_up_blocks.dim() != 4 or gate_up_blocks.shape[1] % 2:
+        _fail("gate_up_blocks", f"[{e}, 2I, {hid // 32}, 16]", list(gate_up_blocks.shape))
+    inter = gate_up_blocks.shape[1] // 2
+    _check_mxfp4("gate_up", gate_up_blocks, gate_up_scales, e, 2 * inter, hid)
+    _check_mxfp4("down", down_blocks, down_scales, e, hid, inter)
+    for name, x in (("gate_up_blocks", gate_up_blocks), ("gate_up_scales", gate_up_scales),
+                    ("down_blocks", down_blocks), ("down_scales", down_scales)):
+        if x.device != h.device:
+            _fail(name, f"device {h.device}", x.device)
+    if list(gate_up_bias.shape) != [e, 2 * inter]:
+        _fail("gate_up_bias", f"[{e}, {2 * inter}]", list(gate_up_bias.shape))
+    if list(down_bias.shape) != [e, hid]:
+        _fail("down_bias", f"[{e}, {hid}]", list(down_bias.shape))
+    args = (h, router_weight, router_bias, gate_up_bias, down_bias)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in args):
+        return _FusedMoEMXFP4.apply(*args, gate_up_blocks, gate_up_scales, down_blocks, down_scales, k, alpha, limit)
+    return _forward(h, router_weight, router_bias, gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks,
+                    down_scales, down_bias, k, alpha, limit, inter, True)

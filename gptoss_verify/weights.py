@@ -8,8 +8,8 @@ project exists to find, so the generator sets every scale on purpose:
 - `stress`: sinks up to ±100, and on the heads whose sink is +100, query/key biases along the
   slowest-rotating RoPE pair that put their scores near +97 as well, so that a softmax without
   the max subtraction overflows to inf/inf where the true probabilities are ordinary;
-  pre-activations far past the clamp; pairs of experts whose router rows differ below bf16
-  resolution (near-tied router logits).
+  pre-activations far past the clamp; pairs of experts whose router rows differ in one element
+  by one bf16 ulp (near-tied router logits).
 
 Every value is rounded through bfloat16 once, so the same model exists exactly in bf16, float32
 and float64, and a bf16 checkpoint holds it without loss.
@@ -109,8 +109,11 @@ def _draw(name: str, shape: tuple[int, ...], spec: ModelSpec, profile: str, gen:
     if key.endswith("router.weight"):
         w = normal(1.0 / math.sqrt(h))
         if stress:
-            # pairs of experts whose rows differ by one part in 2^12: tied in bf16 logits, not in f64
-            w[1::2] = w[0::2][: w[1::2].shape[0]] * (1 + 2.0 ** -12)
+            # pairs of experts whose rows differ in one element by one bf16 ulp: their logits differ
+            # by ~1e-3 of a logit, a near-tie that bf16 rounding of the logits often turns into a tie
+            w = w.to(torch.bfloat16).float()
+            w[1::2] = w[0::2][: w[1::2].shape[0]]
+            w[1::2, 0] = torch.nextafter(w[1::2, 0].to(torch.bfloat16), torch.tensor(1e9, dtype=torch.bfloat16)).float()
         return w
     if key.endswith("router.bias"):
         b = normal(0.5)

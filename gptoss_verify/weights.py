@@ -71,12 +71,16 @@ def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def _draw(name: str, shape: tuple[int, ...], spec: ModelSpec, profile: str, gen: torch.Generator) -> torch.Tensor:
-    """One tensor, in float32, with a scale chosen so that its branch is exercised."""
+    """One tensor, in float32 on the generator's device, with a scale chosen so that its branch is exercised."""
     h, inter = spec.hidden_size, spec.intermediate_size
     stress = profile == "stress"
+    dev = gen.device
 
     def normal(std: float, mean: float = 0.0) -> torch.Tensor:
-        return torch.randn(shape, generator=gen) * std + mean
+        return torch.randn(shape, generator=gen, device=dev) * std + mean
+
+    def uniform(lo: float, hi: float, size=shape) -> torch.Tensor:
+        return torch.empty(size, device=dev).uniform_(lo, hi, generator=gen)
 
     leaf = name.rsplit(".", 2)[-2:] if name.startswith("model.layers.") else [name]
     key = ".".join(leaf)
@@ -88,11 +92,11 @@ def _draw(name: str, shape: tuple[int, ...], spec: ModelSpec, profile: str, gen:
         return normal(0.2, mean=1.0)
     if key.endswith("sinks"):
         if not stress:
-            return torch.empty(shape).uniform_(-4.0, 4.0, generator=gen)
+            return uniform(-4.0, 4.0)
         # half the heads at ±(5..20), a quarter at ±100 (overflow without the max), the rest near 0
-        mag = torch.empty(shape).uniform_(5.0, 20.0, generator=gen)
-        mag[1::4] = torch.empty(mag[1::4].shape).uniform_(0.0, 1.0, generator=gen)
-        sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+        mag = uniform(5.0, 20.0)
+        mag[1::4] = uniform(0.0, 1.0, mag[1::4].shape)
+        sign = torch.where(torch.rand(shape, generator=gen, device=dev) < 0.5, -1.0, 1.0)
         sign[::4] = 1.0
         mag[::4] = HUGE_SINK
         mag[2::8] = HUGE_SINK  # and some at −100
@@ -113,7 +117,8 @@ def _draw(name: str, shape: tuple[int, ...], spec: ModelSpec, profile: str, gen:
             # by ~1e-3 of a logit, a near-tie that bf16 rounding of the logits often turns into a tie
             w = w.to(torch.bfloat16).float()
             w[1::2] = w[0::2][: w[1::2].shape[0]]
-            w[1::2, 0] = torch.nextafter(w[1::2, 0].to(torch.bfloat16), torch.tensor(1e9, dtype=torch.bfloat16)).float()
+            up = torch.tensor(1e9, dtype=torch.bfloat16, device=dev)
+            w[1::2, 0] = torch.nextafter(w[1::2, 0].to(torch.bfloat16), up).float()
         return w
     if key.endswith("router.bias"):
         b = normal(0.5)
@@ -140,7 +145,7 @@ def _overflow_bias(key: str, shape: tuple[int, ...], spec: ModelSpec, gen: torch
     over thousands of positions), adds ≈ +97 to the scores of the heads whose sink is +100
     (every 4th query head; keys get the bias on every kv head)."""
     d = spec.head_dim
-    bias = torch.randn(shape, generator=gen) * 0.5
+    bias = torch.randn(shape, generator=gen, device=gen.device) * 0.5
     per_head = bias.view(-1, d)
     # score contribution = 2·b² · concentration² / √D; solve for b so that it is ≈ 97
     b = math.sqrt(97.0 * math.sqrt(d) / (2 * spec.concentration ** 2))
@@ -151,20 +156,23 @@ def _overflow_bias(key: str, shape: tuple[int, ...], spec: ModelSpec, gen: torch
 
 
 def iter_random_weights(spec: ModelSpec, seed: int = 0, profile: str = "typical",
-                        dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
+                        dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) one at a time, so a full-size checkpoint never sits in memory whole.
     Each tensor has its own generator seeded from (seed, name): the stream is reproducible in any
-    order and any subset (e.g. `--layers N` on a big preset gives the first N layers of the full model)."""
+    order and any subset (e.g. `--layers N` on a big preset gives the first N layers of the full
+    model). Tensors are drawn on `device` (a GPU draws full-width weights in seconds); CPU and CUDA
+    generators give different, each reproducible, values."""
     if profile not in PROFILES:
         raise ValueError(f"profile: expected one of {PROFILES}, got {profile!r}")
     for name, shape in canonical_shapes(spec).items():
-        gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+        gen = torch.Generator(device=device).manual_seed(_tensor_seed(seed, name))
         yield name, _draw(name, shape, spec, profile, gen).to(torch.bfloat16).to(dtype)
 
 
 def random_weights(spec: ModelSpec, seed: int = 0, profile: str = "typical",
                    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return {n: t.to(device) for n, t in iter_random_weights(spec, seed, profile, dtype)}
+    return dict(iter_random_weights(spec, seed, profile, dtype, device))
 
 
 def _tensor_seed(seed: int, name: str) -> int:

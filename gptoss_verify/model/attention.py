@@ -29,6 +29,9 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tor
     return mask
 
 
+_SCORE_BUDGET = 1 << 27  # score elements materialised at once (1 GiB in float64)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, *,
               window: int | None, q_start: int = 0, k_start: int = 0) -> torch.Tensor:
     """softmax([q·kᵀ/√D + mask, sink]) without the sink column, times v.
@@ -37,6 +40,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     Scores are formed in the input dtype; the softmax runs in float32 (float64 for float64 input).
     """
     b, sq, hq, d = q.shape
+    rows = max(1, _SCORE_BUDGET // (b * hq * k.shape[1]))
+    if sq > rows:  # long sequences: the same computation over query chunks, bounding memory
+        return torch.cat([attention(q[:, i:i + rows], k, v, sinks, window=window, q_start=q_start + i,
+                                    k_start=k_start) for i in range(0, sq, rows)], dim=1)
     hkv = k.shape[2]
     group = hq // hkv
     qg = q.view(b, sq, hkv, group, d)

@@ -43,15 +43,17 @@ def experts(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: 
             gate_up_bias: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, *,
             alpha: float, limit: float) -> torch.Tensor:
     """Σ_k w_k · (swiglu(h @ gate_up[e_k] + b) @ down[e_k] + down_bias[e_k]), looping over the
-    experts that were chosen; the sum is accumulated in float32 (float64) and cast once."""
+    experts that were chosen; the sum is accumulated in float32 (float64) and cast once. Expert
+    weights are cast to h's dtype one expert at a time (a no-op normally; it lets the float64
+    truth run on narrow expert weights without a float64 copy of them all)."""
     out = torch.zeros(h.shape, dtype=compute_dtype(h.dtype), device=h.device)
     bias_after = faults.active("down-bias-after-weight")
     for e in torch.unique(idx).tolist():
         token, slot = torch.where(idx == e)
-        act = swiglu(h[token] @ gate_up[e] + gate_up_bias[e], alpha, limit)
-        y = act @ down[e]
+        act = swiglu(h[token] @ gate_up[e].to(h.dtype) + gate_up_bias[e].to(h.dtype), alpha, limit)
+        y = act @ down[e].to(h.dtype)
         if not bias_after:
-            y = y + down_bias[e]
+            y = y + down_bias[e].to(h.dtype)
         out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
         if bias_after:
             out.index_add_(0, token, down_bias[e].to(out.dtype).expand(len(token), -1))

@@ -59,7 +59,10 @@ class Float64Shadow:
         self.spec = model.spec
 
     def _params(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {n[len(prefix):]: p.detach().to(torch.float64)
+        """The layer's parameters in float64, except the experts: those stay narrow and are widened
+        one expert at a time as they are used (`model.moe.experts`), so no float64 copy of a
+        full-width layer's experts is ever made."""
+        return {n[len(prefix):]: p.detach() if ".experts." in n else p.detach().to(torch.float64)
                 for n, p in self.model.named_parameters() if n.startswith(prefix)}
 
     def layer_forward(self, layer: int, x: torch.Tensor, start_pos: int, trace: Trace | None,
@@ -146,9 +149,11 @@ def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype
     rows: list[PointResult] = []
     excluded = 0
     n = ours.spec.num_layers
+    device = ours.lm_head.weight.device
     for i in range(n):
-        x, mid = oracle_trace[layer_name(i, "input")], oracle_trace[layer_name(i, "resid_attn")]
-        mine, true = Trace(), Trace() if shadow else None
+        x = oracle_trace[layer_name(i, "input")].to(device)
+        mid = oracle_trace[layer_name(i, "resid_attn")].to(device)
+        mine, true = Trace("cpu"), Trace("cpu") if shadow else None
         with torch.no_grad():
             with faults.inject(*fault_names):
                 ours.layer_forward(i, x, start_pos, mine, mlp_input=mid)
@@ -161,8 +166,8 @@ def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype
             name = layer_name(i, point)
             rows += compare_point(TEACHER, name, mine[name], oracle_trace[name], true[name] if true else None,
                                   dtype, tokens=same_choice if point in AFTER_ROUTING else None)
-    x = oracle_trace[layer_name(n - 1, "resid_mlp")]
-    mine, true = Trace(), Trace() if shadow else None
+    x = oracle_trace[layer_name(n - 1, "resid_mlp")].to(device)
+    mine, true = Trace("cpu"), Trace("cpu") if shadow else None
     with torch.no_grad():
         with faults.inject(*fault_names):
             ours.head(x, mine)
@@ -206,8 +211,9 @@ def clamp_active_share(model: Transformer, trace: Trace) -> float:
     limit = model.spec.swiglu_limit
     active = total = 0
     for i, layer in enumerate(model.model.layers):
-        h = trace[layer_name(i, "mlp_norm")].reshape(-1, model.spec.hidden_size)
-        idx = trace[layer_name(i, "topk_idx")].reshape(h.shape[0], -1)
+        device = layer.mlp.experts.gate_up_proj.device
+        h = trace[layer_name(i, "mlp_norm")].reshape(-1, model.spec.hidden_size).to(device)
+        idx = trace[layer_name(i, "topk_idx")].reshape(h.shape[0], -1).to(device)
         x = layer.mlp.experts
         for e in torch.unique(idx).tolist():
             tok = torch.where(idx == e)[0]

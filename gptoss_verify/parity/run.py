@@ -65,7 +65,7 @@ def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> 
     gen = torch.Generator().manual_seed(case.seed + 1)
     ids = torch.randint(0, spec.vocab_size, (case.batch, case.seq), generator=gen).to(case.device)
 
-    oracle_trace, ours_trace = Trace(), Trace()
+    oracle_trace, ours_trace = Trace("cpu"), Trace("cpu")
     with torch.no_grad():
         oracle(ids, case.offset, oracle_trace)
         with faults.inject(*case.faults):
@@ -74,7 +74,7 @@ def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> 
     shadow = Float64Shadow(ours) if low_precision else None
     truth_trace = None
     if shadow is not None:
-        truth_trace = Trace()
+        truth_trace = Trace("cpu")
         with torch.no_grad():
             shadow.forward(ids, case.offset, truth_trace)
 

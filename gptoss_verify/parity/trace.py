@@ -47,13 +47,16 @@ def split_name(name: str) -> tuple[int | None, str]:
 
 
 class Trace:
-    """An ordered record of named tensors (detached; kept on their device)."""
+    """An ordered record of named tensors, detached, kept on `device` (default: where they were
+    made). Parity keeps traces on the CPU so that full-width runs leave GPU memory to the models."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | torch.device | None = None) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.device = device
 
     def record(self, name: str, tensor: torch.Tensor) -> None:
-        self.tensors[name] = tensor.detach()
+        tensor = tensor.detach()
+        self.tensors[name] = tensor if self.device is None else tensor.to(self.device)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]

@@ -111,8 +111,10 @@ def compare_point(mode: str, name: str, ours: torch.Tensor, oracle: torch.Tensor
         ours, oracle = ours[tokens], oracle[tokens]
         truth = None if truth is None else truth[tokens]
     if not ours.is_floating_point():
-        tol = tolerance(dname, "routing")
         agree = metrics.set_agreement(ours, oracle)
+        if not judged:
+            return [PointResult(mode, name, "drift", agree, math.nan, math.nan, True)]
+        tol = tolerance(dname, "routing")
         return [PointResult(mode, name, "routing", agree, math.nan, tol.limit, agree >= tol.limit)]
     stats = dict(max_abs=metrics.max_abs(ours, oracle), rel_l2=metrics.rel_l2(ours, oracle),
                  cosine=metrics.cosine(ours, oracle), max_ulp=metrics.max_ulp(ours, oracle, dtype))

@@ -2,12 +2,14 @@
 
 Row blocks come from `align_kernel` (one expert per block). Weights are read either dense in the HF
 layout (`[E, in, out]`, used as x @ W) or as MXFP4 checkpoint blocks/scales (`[E, out, in/32, 16]` and
-`[E, out, in/32]`), decoded tile by tile in the inner loop (`mxfp4.decode_tile`).
+`[E, out, in/32]`), decoded tile by tile in the inner loop: by Triton's `tl.dot_scaled` (bf16/fp16
+activations; SCALED) or by our own `mxfp4.decode_tile` (float32 activations, or SCALED off).
 
 GEMM 1: gathered token rows @ gate_up[e] + bias, then the clamped SwiGLU on the interleaved columns
 (even = gate, odd = up) in the epilogue; only the activation [rows, I] is written.
-GEMM 2: activation @ down[e] + bias, times the routing weight, written in slot order (float32).
-Combine: each token sums its k slot rows in order j = 0..k−1 (no atomics), cast once.
+GEMM 2: activation @ down[e] + bias, times the routing weight, rounded once to the input dtype and
+written in slot order. Combine: each token sums its k slot rows in order j = 0..k−1 in float32 (no
+atomics), cast once.
 """
 from __future__ import annotations
 
@@ -36,16 +38,8 @@ def _weight_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, str
                  DTYPE: tl.constexpr):
     """The [BLOCK_K, BLOCK_N] tile of expert e's weight at (k0, offs_n), as DTYPE."""
     if MXFP4:
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        base_w = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-        base_s = s_ptr + e * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
-        if EVEN_K:
-            packed = tl.load(base_w + offs_b[None, :], mask=n_ok[:, None], other=0)
-            scales = tl.load(base_s + offs_g[None, :], mask=n_ok[:, None], other=127)
-        else:
-            packed = tl.load(base_w + offs_b[None, :], mask=n_ok[:, None] & (offs_b < K // 2)[None, :], other=0)
-            scales = tl.load(base_s + offs_g[None, :], mask=n_ok[:, None] & (offs_g < K // 32)[None, :], other=127)
+        packed, scales = _mx_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wn, stride_se, stride_sn,
+                                  BLOCK_K, EVEN_K)
         return tl.trans(decode_tile(packed, scales, BLOCK_N, BLOCK_K).to(DTYPE))
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -56,11 +50,45 @@ def _weight_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, str
 
 
 @triton.jit
+def _mx_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wn, stride_se, stride_sn,
+             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Expert e's packed MXFP4 bytes [BLOCK_N, BLOCK_K/2] and scales [BLOCK_N, BLOCK_K/32] at (offs_n, k0)."""
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    base_w = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
+    base_s = s_ptr + e * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
+    if EVEN_K:
+        packed = tl.load(base_w + offs_b[None, :], mask=n_ok[:, None], other=0)
+        scales = tl.load(base_s + offs_g[None, :], mask=n_ok[:, None], other=127)
+    else:
+        packed = tl.load(base_w + offs_b[None, :], mask=n_ok[:, None] & (offs_b < K // 2)[None, :], other=0)
+        scales = tl.load(base_s + offs_g[None, :], mask=n_ok[:, None] & (offs_g < K // 32)[None, :], other=127)
+    return packed, scales
+
+
+@triton.jit
+def _accumulate(acc, a, w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se, stride_sn,
+                MXFP4: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr, IEEE: tl.constexpr, LHS_FORMAT: tl.constexpr):
+    """acc + a @ W[e][k0:k0+BLOCK_K, offs_n]; MXFP4 either through tl.dot_scaled (SCALED) or decoded here."""
+    if MXFP4 and SCALED:
+        packed, scales = _mx_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wn, stride_se, stride_sn,
+                                  BLOCK_K, EVEN_K)
+        return tl.dot_scaled(a, None, LHS_FORMAT, tl.trans(packed), scales, "e2m1", acc=acc, fast_math=True)
+    b = _weight_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se,
+                     stride_sn, MXFP4, BLOCK_N, BLOCK_K, EVEN_K, a.dtype)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit(do_not_specialize=["num_m"])
 def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, sorted_slot_ptr, block_expert_ptr, block_rows_ptr,
                    N, K, num_m, stride_h, stride_we, stride_wk, stride_wn, stride_se, stride_sn, stride_be,
                    stride_act, alpha, limit,
                    TOPK: tl.constexpr, MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                   SCALED: tl.constexpr, LHS_FORMAT: tl.constexpr):
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
     nrows = tl.load(block_rows_ptr + pid_m)
     if nrows == 0:
@@ -80,12 +108,8 @@ def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, sorted_slot_ptr, bloc
             a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None], other=0.0)
         else:
             a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        b = _weight_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se,
-                         stride_sn, MXFP4, BLOCK_N, BLOCK_K, EVEN_K, a.dtype)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _accumulate(acc, a, w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se,
+                          stride_sn, MXFP4, SCALED, BLOCK_N, BLOCK_K, EVEN_K, IEEE, LHS_FORMAT)
     bias = tl.load(bias_ptr + e * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     acc = acc + bias[None, :]
     gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N // 2, 2]))
@@ -98,12 +122,13 @@ def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, sorted_slot_ptr, bloc
              mask=row_ok[:, None] & (offs_i < N // 2)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m"])
 def down_kernel(act_ptr, w_ptr, s_ptr, bias_ptr, weights32_ptr, y_ptr, sorted_slot_ptr, block_expert_ptr,
                 block_rows_ptr, N, K, num_m, stride_act, stride_we, stride_wk, stride_wn, stride_se, stride_sn,
                 stride_be, stride_y,
                 MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr,
+                LHS_FORMAT: tl.constexpr):
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
     nrows = tl.load(block_rows_ptr + pid_m)
     if nrows == 0:
@@ -122,17 +147,13 @@ def down_kernel(act_ptr, w_ptr, s_ptr, bias_ptr, weights32_ptr, y_ptr, sorted_sl
             a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None], other=0.0)
         else:
             a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        b = _weight_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se,
-                         stride_sn, MXFP4, BLOCK_N, BLOCK_K, EVEN_K, a.dtype)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _accumulate(acc, a, w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se,
+                          stride_sn, MXFP4, SCALED, BLOCK_N, BLOCK_K, EVEN_K, IEEE, LHS_FORMAT)
     slot = tl.load(sorted_slot_ptr + pid_m * BLOCK_M + offs_m, mask=row_ok, other=0)
     bias = tl.load(bias_ptr + e * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     weight = tl.load(weights32_ptr + slot, mask=row_ok, other=0.0)
     y = (acc + bias[None, :]) * weight[:, None]
-    tl.store(y_ptr + slot[:, None].to(tl.int64) * stride_y + offs_n[None, :], y,
+    tl.store(y_ptr + slot[:, None].to(tl.int64) * stride_y + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -143,5 +164,5 @@ def combine_kernel(y_ptr, out_ptr, N, stride_y, stride_out, TOPK: tl.constexpr, 
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(TOPK):
-        acc += tl.load(y_ptr + (token * TOPK + j) * stride_y + offs_n, mask=n_ok, other=0.0)
+        acc += tl.load(y_ptr + (token * TOPK + j) * stride_y + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_out + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)

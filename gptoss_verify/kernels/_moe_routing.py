@@ -1,7 +1,9 @@
 """Routing kernels of the fused MoE: router GEMM + bias + top-k + softmax over the k, then the
 grouping of token slots by expert, all on the device with no host synchronisation.
 
-A *slot* is one (token, choice) pair, numbered token·k + j. The router kernel counts slots per
+A *slot* is one (token, choice) pair, numbered token·k + j. The router GEMM runs split over tokens,
+experts and H (partials summed in a fixed order, so a handful of tokens still uses the whole chip);
+the top-k kernel counts slots per
 expert with integer atomics and gives each slot its rank inside its expert. The align kernel then
 pads every expert's group to a multiple of the GEMM row block, lays the groups out one after
 another, and writes, for each row block of that padded layout, its expert and how many of its rows
@@ -18,20 +20,21 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def router_kernel(h_ptr, w_ptr, b_ptr, logits_ptr, idx_ptr, weights_ptr, weights32_ptr, counts_ptr, rank_ptr,
-                  T, H, E, stride_h, stride_w,
-                  TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_TOPK: tl.constexpr, IEEE: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+@triton.jit(do_not_specialize=["T", "h_per_split"])
+def router_logits_kernel(h_ptr, w_ptr, partial_ptr, T, H, E, h_per_split, stride_h, stride_w,
+                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr):
+    """partial[s, t, e] = Σ_{h in split s} h[t, h]·W[e, h]: the router GEMM split over T, E and H so
+    that a few tokens still spread over the whole chip (the splits are summed in order later)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    split = tl.program_id(2)
     row_ok = rows < T
-    cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
+    h_end = tl.minimum(H, (split + 1) * h_per_split)
+    for h0 in range(split * h_per_split, h_end, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
-        hk_ok = hk < H
+        hk_ok = hk < h_end
         a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + hk[None, :],
                     mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * stride_w + hk[:, None], mask=col_ok[None, :] & hk_ok[:, None], other=0.0)
@@ -39,6 +42,26 @@ def router_kernel(h_ptr, w_ptr, b_ptr, logits_ptr, idx_ptr, weights_ptr, weights
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
+    out = partial_ptr + split.to(tl.int64) * T * E + rows[:, None].to(tl.int64) * E + cols[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "SPLITS"])
+def router_topk_kernel(partial_ptr, b_ptr, logits_ptr, idx_ptr, weights_ptr, weights32_ptr, counts_ptr, rank_ptr,
+                       T, E, SPLITS,
+                       TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr):
+    """Sum the router partials in order, add the bias, then top-k, softmax over the k, and count and
+    rank the slots per expert."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    ptrs = partial_ptr + rows[:, None].to(tl.int64) * E + cols[None, :]
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for _ in range(0, SPLITS):
+        acc += tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        ptrs += T * E
     bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     logits = acc + bias[None, :]
     tl.store(logits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :],
@@ -70,7 +93,7 @@ def router_kernel(h_ptr, w_ptr, b_ptr, logits_ptr, idx_ptr, weights_ptr, weights
     tl.store(rank_ptr + slot, rank, mask=slot_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK", "NUM_BLOCKS"])
 def align_kernel(idx_ptr, rank_ptr, counts_ptr, sorted_slot_ptr, block_expert_ptr, block_rows_ptr,
                  TK, E, NUM_BLOCKS,
                  BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 import triton
 
@@ -22,6 +24,7 @@ from ..model import moe as reference
 from . import _moe_gemm, _moe_routing
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_SCALED_FAILED: list[str] = []  # set once tl.dot_scaled fails to compile here
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class MoEConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    dot_scaled: bool = True  # MXFP4: Triton's tl.dot_scaled (True) or our decode_tile (False)
 
 
 def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoEConfig:
@@ -42,7 +46,7 @@ def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoE
         return MoEConfig(block_m=16, block_n1=32, block_n2=32, block_k=32, group_m=4, num_warps=4, num_stages=1)
     rows = tokens * k / experts
     if rows <= 16:
-        return MoEConfig(16, 64, 64, 128, 8, 4, 4)
+        return MoEConfig(16, 128, 128, 128, 8, 4, 4)
     if rows <= 64:
         return MoEConfig(64, 128, 128, 64, 8, 4, 4)
     if mxfp4:
@@ -96,6 +100,8 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     dev, dtype = h.device, h.dtype
     cfg = config or choose_config(t, e, k, mxfp4)
     ieee = dtype == torch.float32
+    scaled = mxfp4 and cfg.dot_scaled and not ieee  # tl.dot_scaled takes bf16/fp16 activations only
+    lhs_format = "fp16" if dtype == torch.float16 else "bf16"
     h = h.contiguous()
     rw, rb, gub, dnb = rw.contiguous(), rb.contiguous(), gub.contiguous(), dnb.contiguous()
     tk = t * k
@@ -106,12 +112,23 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     weights32 = torch.empty(tk, device=dev, dtype=torch.float32)
     counts = torch.zeros(e, device=dev, dtype=torch.int32)
     rank = torch.empty(tk, device=dev, dtype=torch.int32)
-    block_t = 16 if t <= 2048 else 32
     block_e = max(16, triton.next_power_of_2(e))
-    _moe_routing.router_kernel[(triton.cdiv(t, block_t),)](
-        h, rw, rb, logits, idx, weights, weights32, counts, rank, t, hid, e, h.stride(0), rw.stride(0),
-        TOPK=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=64, BLOCK_TOPK=triton.next_power_of_2(k), IEEE=ieee,
-        num_warps=4)
+    # router GEMM: tiles of tokens x experts, split over H until ~128 programs are busy
+    rt_t = 16 if t <= 2048 else 32
+    rt_e = 16 if t <= 256 else min(block_e, 64)
+    tiles = triton.cdiv(t, rt_t) * triton.cdiv(e, rt_e)
+    chunks = triton.cdiv(hid, 64)
+    splits = max(1, min(chunks, 128 // tiles))
+    per_split = triton.cdiv(chunks, splits) * 64
+    splits = triton.cdiv(hid, per_split)
+    partial = torch.empty(splits, t, e, device=dev, dtype=torch.float32)
+    _moe_routing.router_logits_kernel[(triton.cdiv(t, rt_t), triton.cdiv(e, rt_e), splits)](
+        h, rw, partial, t, hid, e, per_split, h.stride(0), rw.stride(0),
+        BLOCK_T=rt_t, BLOCK_E=rt_e, BLOCK_H=64, IEEE=ieee, num_warps=4)
+    block_t = 16
+    _moe_routing.router_topk_kernel[(triton.cdiv(t, block_t),)](
+        partial, rb, logits, idx, weights, weights32, counts, rank, t, e, splits,
+        TOPK=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_TOPK=triton.next_power_of_2(k), num_warps=4)
 
     bm = cfg.block_m
     num_m = triton.cdiv(tk, bm) + min(e, tk)
@@ -133,18 +150,33 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
         w1 = (gu_w.stride(0), gu_w.stride(1), gu_w.stride(2), 0, 0)
         w2 = (dn_w.stride(0), dn_w.stride(1), dn_w.stride(2), 0, 0)
         s1, s2 = gu_w, dn_w  # unused placeholders
-    _moe_gemm.gate_up_kernel[(num_m * triton.cdiv(n1, cfg.block_n1),)](
-        h, gu_w, s1, gub, act, sorted_slot, block_expert, block_rows, n1, hid, num_m, h.stride(0), *w1,
-        gub.stride(0), act.stride(0), float(alpha), float(limit),
-        TOPK=k, MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=hid % cfg.block_k == 0, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    y = torch.empty(tk, hid, device=dev, dtype=dtype)  # weighted slot outputs, rounded once
 
-    y = torch.empty(tk, hid, device=dev, dtype=torch.float32)
-    _moe_gemm.down_kernel[(num_m * triton.cdiv(hid, cfg.block_n2),)](
-        act, dn_w, s2, dnb, weights32, y, sorted_slot, block_expert, block_rows, hid, inter, num_m,
-        act.stride(0), *w2, dnb.stride(0), y.stride(0),
-        MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=inter % cfg.block_k == 0, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    def gemms(scaled):
+        _moe_gemm.gate_up_kernel[(num_m * triton.cdiv(n1, cfg.block_n1),)](
+            h, gu_w, s1, gub, act, sorted_slot, block_expert, block_rows, n1, hid, num_m, h.stride(0), *w1,
+            gub.stride(0), act.stride(0), float(alpha), float(limit),
+            TOPK=k, MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            EVEN_K=hid % cfg.block_k == 0, IEEE=ieee, SCALED=scaled, LHS_FORMAT=lhs_format,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+        _moe_gemm.down_kernel[(num_m * triton.cdiv(hid, cfg.block_n2),)](
+            act, dn_w, s2, dnb, weights32, y, sorted_slot, block_expert, block_rows, hid, inter, num_m,
+            act.stride(0), *w2, dnb.stride(0), y.stride(0),
+            MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            EVEN_K=inter % cfg.block_k == 0, IEEE=ieee, SCALED=scaled, LHS_FORMAT=lhs_format,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if scaled and _SCALED_FAILED:
+        scaled = False
+    try:
+        gemms(scaled)
+    except Exception as exc:  # a Triton without tl.dot_scaled on this GPU: use our own decode
+        if not scaled:
+            raise
+        _SCALED_FAILED.append(repr(exc))
+        warnings.warn(f"fused_moe_mxfp4: tl.dot_scaled failed ({exc!r}); using the in-kernel decode instead")
+        gemms(False)
 
     out = torch.empty(t, hid, device=dev, dtype=dtype)
     block_n = 256 if hid >= 256 else triton.next_power_of_2(hid)

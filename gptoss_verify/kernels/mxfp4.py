@@ -5,9 +5,10 @@ registers, so a GEMM can stream the checkpoint's blocks and scales straight from
 dense copy of the weights. The float32 bit pattern is built directly: for a magnitude code
 c = (e, m) with e ≥ 1 the value 2^(e−1)·(1 + m/2)·2^(s−127) has exponent field e + s − 1 and
 mantissa m, so its bits are `(c << 22) + ((s − 1) << 23)`; code 1 (0.5) is `(s − 1) << 23` and
-code 0 is zero. Scale bytes are clamped to [1, 252] so the exponent field stays in range: the
-E8M0 extremes (0 = 2^−127, 255 = NaN) and scales whose largest value would overflow float32 are
-outside what this decoder reproduces; published checkpoints use scales far inside that range.
+code 0 is zero. The decode is exact for scale bytes 2..252; bytes outside are clamped to [1, 252]
+(so the exponent field stays in range), which differs from the codec only at the E8M0 extremes
+(0 = 2^−127, 1 where code 1 would be a float32 subnormal, 253+ where 6·2^(s−127) nears float32's
+limit, 255 = NaN). Published checkpoints use scales far inside that range.
 """
 from __future__ import annotations
 

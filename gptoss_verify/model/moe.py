@@ -67,3 +67,18 @@ def moe(h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
     logits, idx, weights = route(h, router_weight, router_bias, k)
     out = experts(h, idx, weights, gate_up, gate_up_bias, down, down_bias, alpha=alpha, limit=limit)
     return out, logits, idx, weights
+
+
+def count_router_ties(logits: torch.Tensor, k: int, *, rel_gap: float = 2.0 ** -8) -> int:
+    """How many rows of router logits [T, E] have their k-th and (k+1)-th largest logits within
+    `rel_gap` of the larger magnitude of the two (default: one bf16 ulp). On such rows the top-k
+    set is implementation-defined (SPEC.md §2.4): parity reports them instead of failing on them.
+    With k == E there is no boundary, so no ties."""
+    if not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"count_router_ties: k: expected 1 <= k <= E = {logits.shape[-1]}, got {k}")
+    if k == logits.shape[-1]:
+        return 0
+    top = torch.topk(logits.reshape(-1, logits.shape[-1]).double(), k + 1, dim=-1).values
+    inside, outside = top[:, k - 1], top[:, k]
+    scale = torch.maximum(inside.abs(), outside.abs())
+    return int((inside - outside <= rel_gap * scale).sum())

@@ -101,6 +101,10 @@ def parity_markdown(results: list, device: str = "cpu") -> str:
               "last place (their choice is implementation-defined; reported, not failed). "
               "*tie tokens left out*: teacher-forced tokens where the two sides chose different "
               "experts, left out of the comparisons after routing.", ""]
+    phases = list(dict.fromkeys(p for r in results for p in r.phases))  # in the order they ran
+    lines += ["### Where the time went (seconds)", "",
+              table([(dtype_name(r.case.dtype), r.case.profile, *[f"{r.phases.get(p, 0):.1f}" for p in phases])
+                     for r in results], ["dtype", "weights", *phases]), ""]
     for r in results:
         lines += [f"## {dtype_name(r.case.dtype)}, {r.case.profile} weights", ""]
         rows = [(x.mode, x.name, x.kind, _fmt(x.measure), _fmt(x.oracle_measure), _fmt(x.bound),
@@ -124,7 +128,7 @@ def parity_json(results: list) -> dict:
             "first_divergence": None if r.first_divergence is None else dataclasses.asdict(r.first_divergence),
             "clamp_share": r.clamp_share, "router_ties": r.router_ties,
             "tie_tokens_excluded": r.tie_tokens_excluded, "routing_agreement": r.routing_agreement,
-            "argmax_agreement": r.argmax_agreement, "kl": r.kl_ours, "seconds": r.seconds,
+            "argmax_agreement": r.argmax_agreement, "kl": r.kl_ours, "seconds": r.seconds, "phases": r.phases,
             "rows": [dataclasses.asdict(x) for x in r.rows],
         })
     return {"environment": environment(), "spec": dataclasses.asdict(results[0].case.spec), "cases": out}

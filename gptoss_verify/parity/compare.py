@@ -101,10 +101,10 @@ class Float64Shadow:
 
 def compare_point(mode: str, name: str, ours: torch.Tensor, oracle: torch.Tensor,
                   truth: torch.Tensor | None, dtype: torch.dtype, judged: bool = True,
-                  tokens: torch.Tensor | None = None) -> list[PointResult]:
+                  tokens: torch.Tensor | None = None, device: str | torch.device = "cpu") -> list[PointResult]:
     """One or two rows for one point: the main rule, plus the rounding rule where it applies.
     `judged=False` reports the measures without a verdict (kind `drift`); `tokens` [B, S] bool
-    restricts the comparison to those tokens."""
+    restricts the comparison to those tokens; the arithmetic runs on `device`."""
     dname = dtype_name(dtype)
     point = split_name(name)[1]
     if tokens is not None:
@@ -116,13 +116,15 @@ def compare_point(mode: str, name: str, ours: torch.Tensor, oracle: torch.Tensor
             return [PointResult(mode, name, "drift", agree, math.nan, math.nan, True)]
         tol = tolerance(dname, "routing")
         return [PointResult(mode, name, "routing", agree, math.nan, tol.limit, agree >= tol.limit)]
-    stats = dict(max_abs=metrics.max_abs(ours, oracle), rel_l2=metrics.rel_l2(ours, oracle),
-                 cosine=metrics.cosine(ours, oracle), max_ulp=metrics.max_ulp(ours, oracle, dtype))
+    vs_oracle = metrics.summarize(ours, oracle, dtype, device)
+    stats = dict(max_abs=vs_oracle.max_abs, rel_l2=vs_oracle.rel_l2, cosine=vs_oracle.cosine,
+                 max_ulp=vs_oracle.max_ulp)
     if truth is None:
         tol = tolerance(dname, "oracle")
-        err = metrics.rel_max_abs(ours, oracle)
+        err = vs_oracle.rel_max_abs
         return [PointResult(mode, name, "oracle", err, math.nan, tol.limit, _le(err, tol.limit), **stats)]
-    err, err_oracle = metrics.rel_max_abs(ours, truth), metrics.rel_max_abs(oracle, truth)
+    err = metrics.summarize(ours, truth, dtype, device).rel_max_abs
+    err_oracle = metrics.summarize(oracle, truth, dtype, device).rel_max_abs
     if not judged:
         return [PointResult(mode, name, "drift", err, err_oracle, math.nan, True, **stats)]
     tol = tolerance(dname, "truth")
@@ -167,7 +169,7 @@ def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype
         for point in LAYER_POINTS[1:]:
             name = layer_name(i, point)
             rows += compare_point(TEACHER, name, mine[name], oracle_trace[name], true[name] if true else None,
-                                  dtype, tokens=same_choice if point in AFTER_ROUTING else None)
+                                  dtype, tokens=same_choice if point in AFTER_ROUTING else None, device=device)
     x = oracle_trace[layer_name(n - 1, "resid_mlp")].to(device)
     mine, true = Trace("cpu"), Trace("cpu") if shadow else None
     with torch.no_grad():
@@ -176,12 +178,13 @@ def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype
         if shadow:
             shadow.head(x, true)
     for name in ("final_norm", "logits"):
-        rows += compare_point(TEACHER, name, mine[name], oracle_trace[name], true[name] if true else None, dtype)
+        rows += compare_point(TEACHER, name, mine[name], oracle_trace[name], true[name] if true else None, dtype,
+                              device=device)
     return rows, excluded
 
 
 def free_running(ours_trace: Trace, oracle_trace: Trace, truth_trace: Trace | None,
-                 dtype: torch.dtype, num_layers: int) -> list[PointResult]:
+                 dtype: torch.dtype, num_layers: int, device: str | torch.device = "cpu") -> list[PointResult]:
     """Both models run end to end on the same tokens; every point compared, then the logits'
     next-token distributions (KL) by the truth rule."""
     rows: list[PointResult] = []
@@ -189,11 +192,12 @@ def free_running(ours_trace: Trace, oracle_trace: Trace, truth_trace: Trace | No
         if split_name(name)[1] == "input":
             continue
         rows += compare_point(FREE, name, ours_trace[name], oracle_trace[name],
-                              truth_trace[name] if truth_trace else None, dtype, judged=truth_trace is None)
+                              truth_trace[name] if truth_trace else None, dtype, judged=truth_trace is None,
+                              device=device)
     if truth_trace is not None:
         tol = tolerance(dtype, "free-logits")
-        kl = metrics.kl_next_token(truth_trace["logits"], ours_trace["logits"], "median")
-        kl_oracle = metrics.kl_next_token(truth_trace["logits"], oracle_trace["logits"], "median")
+        kl = metrics.kl_next_token(truth_trace["logits"], ours_trace["logits"], "median", device)
+        kl_oracle = metrics.kl_next_token(truth_trace["logits"], oracle_trace["logits"], "median", device)
         bound = tol.factor * kl_oracle + tol.limit
         rows.append(PointResult(FREE, "logits", "free-logits", kl, kl_oracle, bound, _le(kl, bound)))
     return rows

@@ -1,44 +1,33 @@
 """Error measures between a tensor and its reference, each a plain function of two tensors.
 
 Every measure is computed in float64 so that the measurement adds no error of its own.
+`summarize` computes them all in one chunked pass on a chosen device, which is what full-width
+runs use (traces live on the CPU; the arithmetic runs on the GPU).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
 
-def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: {list(a.shape)} vs {list(b.shape)}")
-    return a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
-
-
 def max_abs(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = _pair(a, ref)
-    return float((a - ref).abs().max()) if a.numel() else 0.0
-
-
-def scale(ref: torch.Tensor) -> float:
-    """The magnitude errors are measured against: the largest |value| of the reference (≥ tiny)."""
-    return max(float(ref.detach().abs().max().double()) if ref.numel() else 0.0, 1e-300)
+    return summarize(a, ref, torch.float64).max_abs
 
 
 def rel_max_abs(a: torch.Tensor, ref: torch.Tensor) -> float:
     """max|a − ref| / max|ref|: a max error that does not depend on the tensor's units."""
-    return max_abs(a, ref) / scale(ref)
+    return summarize(a, ref, torch.float64).rel_max_abs
 
 
 def rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = _pair(a, ref)
-    return float((a - ref).norm() / ref.norm().clamp_min(1e-300))
+    return summarize(a, ref, torch.float64).rel_l2
 
 
 def cosine(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = _pair(a, ref)
-    denom = (a.norm() * ref.norm()).clamp_min(1e-300)
-    return float((a.flatten() @ ref.flatten()) / denom)
+    return summarize(a, ref, torch.float64).cosine
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -50,14 +39,13 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def max_ulp(a: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
     """Largest |a − ref| in units of `dtype`'s spacing at the reference value."""
-    a, ref = _pair(a, ref)
-    return float(((a - ref).abs() / ulp(ref, dtype)).max()) if a.numel() else 0.0
+    return summarize(a, ref, dtype).max_ulp
 
 
 def not_correctly_rounded_share(a: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
     """Share of elements farther than half a `dtype` spacing (plus fp32 slack) from the exact value:
     zero for an op computed wide and rounded once."""
-    a, exact = _pair(a, exact)
+    a, exact = a.detach().double(), exact.detach().to(a.device).double()
     bound = 0.5 * ulp(exact, dtype) * (1 + 2.0 ** -8)
     return float(((a - exact).abs() > bound).double().mean()) if a.numel() else 0.0
 
@@ -72,12 +60,20 @@ def argmax_agreement(logits_a: torch.Tensor, logits_ref: torch.Tensor) -> float:
     return float((logits_a.argmax(-1) == logits_ref.argmax(-1)).double().mean())
 
 
-def kl_next_token(logits_ref: torch.Tensor, logits_a: torch.Tensor, reduce: str = "mean") -> float:
+def kl_next_token(logits_ref: torch.Tensor, logits_a: torch.Tensor, reduce: str = "mean",
+                  device: str | torch.device | None = None, rows: int = 256) -> float:
     """KL(softmax(ref) ‖ softmax(a)) in nats, per position, then the mean or the median over
-    positions (the median is robust to the few tokens a routing near-tie flips)."""
-    p = torch.log_softmax(logits_ref.detach().double().cpu(), -1)
-    q = torch.log_softmax(logits_a.detach().double().cpu(), -1)
-    kl = (p.exp() * (p - q)).sum(-1).flatten()
+    positions (the median is robust to the few tokens a routing near-tie flips). Computed in
+    float64 on `device`, `rows` positions at a time."""
+    device = logits_ref.device if device is None else device
+    ref = logits_ref.detach().reshape(-1, logits_ref.shape[-1])
+    a = logits_a.detach().reshape(-1, logits_a.shape[-1])
+    parts = []
+    for i in range(0, ref.shape[0], rows):
+        p = torch.log_softmax(ref[i:i + rows].to(device, torch.float64), -1)
+        q = torch.log_softmax(a[i:i + rows].to(device, torch.float64), -1)
+        parts.append((p.exp() * (p - q)).sum(-1))
+    kl = torch.cat(parts)
     return float(kl.median() if reduce == "median" else kl.mean())
 
 
@@ -89,3 +85,42 @@ def router_ties(logits: torch.Tensor, k: int, dtype: torch.dtype) -> int:
     top = logits.detach().double().topk(k + 1, dim=-1).values
     gap = top[..., k - 1] - top[..., k]
     return int((gap <= ulp(top[..., k - 1], dtype)).sum())
+
+
+@dataclasses.dataclass
+class Summary:
+    """Every measure of one (tensor, reference) pair."""
+    max_abs: float
+    scale: float      # max |reference|
+    rel_l2: float
+    cosine: float
+    max_ulp: float
+
+    @property
+    def rel_max_abs(self) -> float:
+        return self.max_abs / max(self.scale, 1e-300)
+
+
+def summarize(a: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, device: str | torch.device | None = None,
+              chunk: int = 1 << 25) -> Summary:
+    """All measures of a against ref in one pass over chunks of `chunk` elements, in float64 on
+    `device` (default: ref's device). NaN anywhere makes max_abs NaN."""
+    if a.shape != ref.shape:
+        raise ValueError(f"shape mismatch: {list(a.shape)} vs {list(ref.shape)}")
+    device = ref.device if device is None else device
+    a, ref = a.detach().reshape(-1), ref.detach().reshape(-1)
+    acc = torch.zeros(7, dtype=torch.float64, device=device)  # max|d|, max|r|, Σd², Σr², Σa², Σar, max ulp
+    for i in range(0, a.numel(), chunk):
+        x = a[i:i + chunk].to(device=device, dtype=torch.float64)
+        y = ref[i:i + chunk].to(device=device, dtype=torch.float64)
+        d = (x - y).abs()
+        part = torch.stack([d.max(), y.abs().max(), (d * d).sum(), (y * y).sum(), (x * x).sum(), (x * y).sum(),
+                            (d / ulp(y, dtype)).max()])
+        nan = torch.isnan(part[[0, 6]]).any()
+        acc[[0, 1, 6]] = torch.maximum(acc[[0, 1, 6]], part[[0, 1, 6]])
+        acc[2:6] += part[2:6]
+        if nan:
+            acc[0] = float("nan")
+    v = acc.tolist()
+    return Summary(max_abs=v[0], scale=v[1], rel_l2=(v[2] ** 0.5) / max(v[3] ** 0.5, 1e-300),
+                   cosine=v[5] / max((v[3] * v[4]) ** 0.5, 1e-300), max_ulp=v[6])

@@ -42,6 +42,7 @@ class ParityResult:
     kl_ours: float
     tie_tokens_excluded: int
     seconds: float
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # where the time went
 
     @property
     def passed(self) -> bool:
@@ -54,6 +55,16 @@ def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> 
     from ..oracles.hf import HFOracle  # the only import of transformers, kept out of module load
 
     start = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(phase: str) -> None:
+        nonlocal start
+        if case.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        phases[phase] = now - start
+        start = now
+
     spec = case.spec
     if state is None:
         state = random_weights(spec, case.seed, case.profile, case.dtype, case.device)
@@ -62,14 +73,17 @@ def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> 
                  for n, t in state.items()}
     ours = Transformer.from_state_dict(spec, state, backend=case.backend)
     oracle = HFOracle(spec, state)
+    lap("weights and models")
     gen = torch.Generator().manual_seed(case.seed + 1)
     ids = torch.randint(0, spec.vocab_size, (case.batch, case.seq), generator=gen).to(case.device)
 
     oracle_trace, ours_trace = Trace("cpu"), Trace("cpu")
     with torch.no_grad():
         oracle(ids, case.offset, oracle_trace)
+        lap("oracle forward")
         with faults.inject(*case.faults):
             ours(ids, case.offset, trace=ours_trace)
+        lap("our forward")
     low_precision = case.dtype != torch.float64
     shadow = Float64Shadow(ours) if low_precision else None
     truth_trace = None
@@ -77,21 +91,26 @@ def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> 
         truth_trace = Trace("cpu")
         with torch.no_grad():
             shadow.forward(ids, case.offset, truth_trace)
+        lap("float64 truth forward")
 
     rows, excluded = teacher_forced(ours, oracle_trace, case.offset, case.dtype, shadow, case.faults)
-    rows += free_running(ours_trace, oracle_trace, truth_trace, case.dtype, spec.num_layers)
+    lap("teacher-forced comparison")
+    rows += free_running(ours_trace, oracle_trace, truth_trace, case.dtype, spec.num_layers, case.device)
+    lap("free-running comparison")
     reference = truth_trace if truth_trace is not None else oracle_trace
     idx_agree = [metrics.set_agreement(ours_trace[n], oracle_trace[n]) for n in ours_trace.names()
                  if n.endswith("topk_idx")]
-    return ParityResult(
+    result = ParityResult(
         case=case, rows=rows, first_divergence=first_divergence(rows, spec.num_layers),
         clamp_share=clamp_active_share(ours, reference),
         router_ties=router_tie_count(oracle_trace, spec.num_layers, spec.experts_per_token, case.dtype),
         routing_agreement=min(idx_agree) if idx_agree else 1.0,
         argmax_agreement=metrics.argmax_agreement(ours_trace["logits"], reference["logits"]),
-        kl_ours=metrics.kl_next_token(reference["logits"], ours_trace["logits"]),
-        tie_tokens_excluded=excluded,
-        seconds=time.perf_counter() - start)
+        kl_ours=metrics.kl_next_token(reference["logits"], ours_trace["logits"], device=case.device),
+        tie_tokens_excluded=excluded, seconds=0.0, phases=phases)
+    lap("summary statistics")
+    result.seconds = sum(phases.values())
+    return result
 
 
 __all__ = ["ParityCase", "ParityResult", "run_case", "TEACHER", "FREE"]

@@ -43,8 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _spec(args) -> tuple[ModelSpec, dict | None, str]:
     """The spec to check, weights from a checkpoint if one was given, and a label for the weights."""
     if args.checkpoint:
-        from ..formats.layout import load_dense  # the formats package reads any layout
-        spec, state = load_dense(args.checkpoint)
+        spec, state = _load_dense(args.checkpoint)
         if args.layers:
             state = _first_layers(state, args.layers)
             spec = spec.with_layers(args.layers)
@@ -59,6 +58,14 @@ def _spec(args) -> tuple[ModelSpec, dict | None, str]:
     if args.layers:
         spec = spec.with_layers(args.layers)
     return spec, None, "random"
+
+
+def _load_dense(path: str) -> tuple[ModelSpec, dict]:
+    """Any layout on disk as dense canonical tensors (MXFP4 experts decoded, exactly, to bf16)."""
+    from ..formats import layout
+    from ..formats.canonical import to_dense
+    spec, stream = layout.module(layout.detect(path)).read(path)
+    return spec, dict(to_dense(stream))
 
 
 def _first_layers(state: dict, n: int) -> dict:

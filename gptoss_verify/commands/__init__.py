@@ -1,0 +1,1 @@
+"""Checkpoint subcommands of `gptoss-verify` (one module each): make-checkpoint, inspect, convert, roundtrip."""

@@ -1,0 +1,34 @@
+"""`gptoss-verify convert SRC DST --to LAYOUT`: any layout to any other, tensor by tensor, atomically."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..convert import convert
+from ..formats.layout import LAYOUTS
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (Megatron targets)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size (Megatron targets)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (Megatron targets)")
+    p.add_argument("--pad-vocab", action="store_true", help="pad the vocabulary as Megatron-LM does")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path, help="must not exist or be empty")
+    p.add_argument("--to", required=True, choices=sorted(LAYOUTS))
+    add_parallel_arguments(p)
+    p.add_argument("--dequantize", action="store_true", help="write MXFP4 experts as their decoded dense values")
+
+
+def run(args: argparse.Namespace) -> int:
+    r = convert(args.src, args.dst, args.to, tp=args.tp, ep=args.ep, pp=args.pp, pad_vocab=args.pad_vocab,
+                dequantize=args.dequantize, progress=True)
+    print(f"{r.src} ({r.src_layout}) -> {r.dst} ({r.dst_layout}): {r.tensors} tensors, "
+          f"{r.bytes_read / 1e9:.3f} GB in {r.seconds:.2f} s ({r.gb_per_s:.2f} GB/s), "
+          f"peak RSS {r.peak_rss_bytes / 2**20:.0f} MiB")
+    for note in r.notes:
+        print(f"note: {note}")
+    return 0

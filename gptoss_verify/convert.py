@@ -1,0 +1,310 @@
+"""Conversion between any two layouts, and the round trip SRC -> via -> back with a bit-for-bit diff.
+
+Everything goes through the canonical stream (formats/canonical.py), one tensor at a time. MXFP4
+stays MXFP4 where the target can hold it (HF and OpenAI, blocks and scales copied byte for byte);
+`dequantize` writes the exactly decoded values instead; a dense source written to the OpenAI
+layout is quantised with the OCP MX rule, and the result says so. The round trip compares every
+tensor of SRC with the same tensor read back: raw bytes, so -0 vs +0 or a NaN payload counts.
+When the via layout cannot hold MXFP4 (Megatron), the MXFP4 source is compared through its exact
+bf16 decoding, and the report says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .formats import canonical
+from .formats import layout as layouts
+from .formats.errors import CheckpointError
+from .formats.safetensors_io import check_destination
+
+MEGATRON_OPTIONS = ("tp", "ep", "pp", "pad_vocab")
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+class PeakRSS:
+    """Peak resident memory of this process over a block: the kernel's high-water mark (VmHWM),
+    reset on entry through /proc/self/clear_refs, with a 5 ms sampler as a fallback."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = 0
+        self._reset = _reset_hwm()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _status_kb("VmRSS"))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_kb("VmRSS"))
+        if self._reset:
+            self.peak = max(self.peak, _status_kb("VmHWM"))
+        self.peak_bytes = self.peak * 1024
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# ---- convert --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ConvertResult:
+    src: str
+    dst: str
+    src_layout: str
+    dst_layout: str
+    tensors: int
+    bytes_read: int
+    seconds: float
+    peak_rss_bytes: int
+    notes: list[str]
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / 1e9 / self.seconds if self.seconds else float("nan")
+
+
+def check_paths(src: Path, dst: Path) -> None:
+    """SRC must exist; DST must differ from SRC, lie outside it, and be absent or empty."""
+    if not src.exists():
+        raise CheckpointError(f"{src}: source does not exist")
+    s, d = src.resolve(), dst.resolve()
+    if s == d:
+        raise CheckpointError(f"{dst}: destination is the source")
+    if s in d.parents:
+        raise CheckpointError(f"{dst}: destination lies inside the source {src}")
+    if d in s.parents:
+        raise CheckpointError(f"{dst}: destination contains the source {src}")
+    check_destination(dst)
+
+
+def _counting(stream, counter: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, t in stream:
+        counter[0] += 1
+        counter[1] += t.numel() * t.element_size()
+        yield name, t
+
+
+def convert(src: str | Path, dst: str | Path, to: str, *, tp: int = 1, ep: int = 1, pp: int = 1,
+            pad_vocab: bool = False, dequantize: bool = False, src_layout: str | None = None,
+            progress: bool = False) -> ConvertResult:
+    """SRC (any layout, detected) -> DST in layout `to`. DST is written atomically."""
+    src, dst = Path(src), Path(dst)
+    check_paths(src, dst)
+    target = layouts.module(to)  # refuse an unknown target before reading anything
+    src_layout = src_layout or layouts.detect(src)
+    source = layouts.module(src_layout)
+    holds = layouts.holds_mxfp4(src_layout, src)
+    notes: list[str] = []
+    options: dict = {"progress": progress}
+    if to in layouts.MXFP4_CAPABLE:
+        options["mxfp4"] = (holds or to == "openai") and not dequantize
+        if to == "openai" and not holds and not dequantize:
+            notes.append("the source holds dense experts: the OpenAI layout stores MXFP4, so the expert "
+                         "weights were quantised with the OCP MX rule (lossy; use --dequantize for bf16)")
+        if holds and dequantize:
+            notes.append("MXFP4 experts were decoded to dense weights (exact)")
+    else:
+        options.update(tp=tp, ep=ep, pp=pp, pad_vocab=pad_vocab)
+        if holds:
+            notes.append(f"the {to} layout cannot hold MXFP4: experts were decoded to dense bf16 (exact)")
+    counter = [0, 0]
+    start = time.perf_counter()
+    with PeakRSS() as mem:
+        spec, stream = source.read(src)
+        target.write(_counting(stream, counter), spec, dst, **options)
+    return ConvertResult(str(src), str(dst), src_layout, to, counter[0], counter[1],
+                         time.perf_counter() - start, mem.peak_bytes, notes)
+
+
+# ---- round trip -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TensorDiff:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    max_abs_diff: float
+    bit_exact: bool
+    decoded: bool = False  # compared through the exact decoding of MXFP4
+
+    @property
+    def group(self) -> str:
+        return re.sub(r"\.(\d+)\.", ".*.", self.name, count=1)
+
+
+@dataclasses.dataclass
+class RoundtripResult:
+    src: str
+    via: str
+    src_layout: str
+    legs: list[ConvertResult]
+    diffs: list[TensorDiff]
+    missing: list[str]
+    extra: list[str]
+    notes: list[str]
+    options: dict
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.extra and all(d.bit_exact for d in self.diffs)
+
+
+def roundtrip(src: str | Path, via: str, *, tp: int = 1, ep: int = 1, pp: int = 1, pad_vocab: bool = False,
+              work_dir: str | Path | None = None, keep: bool = False, progress: bool = False) -> RoundtripResult:
+    """SRC -> via -> SRC's layout, then every tensor compared bit for bit with SRC."""
+    src = Path(src)
+    if not src.exists():
+        raise CheckpointError(f"{src}: source does not exist")
+    src_layout = layouts.detect(src)
+    layouts.module(via)
+    tmp = Path(tempfile.mkdtemp(prefix="gptoss-roundtrip-", dir=work_dir))
+    opts = dict(tp=tp, ep=ep, pp=pp, pad_vocab=pad_vocab)
+    try:
+        there = convert(src, tmp / f"via-{via}", via, src_layout=src_layout, progress=progress, **opts)
+        back_opts = _source_options(src_layout, src) or opts
+        back = convert(tmp / f"via-{via}", tmp / "back", src_layout, src_layout=via, progress=progress,
+                       **back_opts)
+        diffs, missing, extra = compare(src, src_layout, tmp / "back", src_layout, progress=progress)
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    notes = there.notes + [n for n in back.notes if n not in there.notes]
+    if any(d.decoded for d in diffs):
+        notes.append(f"the {via} layout holds no MXFP4: the source's MXFP4 experts were compared through "
+                     "their decoded values (decoding to bf16 is exact), bit for bit")
+    if keep:
+        notes.append(f"intermediate checkpoints kept in {tmp}")
+    return RoundtripResult(str(src), via, src_layout, [there, back], diffs, missing, extra, notes, opts)
+
+
+def _source_options(layout: str, path: Path) -> dict:
+    """A Megatron source goes back to its own tp/ep/pp (from its module's `options`)."""
+    if layout in layouts.MXFP4_CAPABLE:
+        return {}
+    mod = layouts.module(layout)
+    if hasattr(mod, "options"):
+        opts = mod.options(path)
+        return {k: opts[k] for k in MEGATRON_OPTIONS if k in opts}
+    return {}
+
+
+def compare(a: Path, a_layout: str, b: Path, b_layout: str, progress: bool = False
+            ) -> tuple[list[TensorDiff], list[str], list[str]]:
+    """Every tensor of A against the same-named tensor of B (canonical names). Streams are walked
+    together; items that arrive out of order wait in a small buffer."""
+    _, sa = layouts.module(a_layout).read(a)
+    _, sb = layouts.module(b_layout).read(b)
+    waiting_a: dict[str, torch.Tensor] = {}
+    waiting_b: dict[str, torch.Tensor] = {}
+    diffs: list[TensorDiff] = []
+    a_done = b_done = False
+    bar = tqdm(desc="compare", unit="tensor", disable=not progress, leave=False)
+    while not (a_done and b_done):
+        if not a_done:
+            item = next(sa, None)
+            if item is None:
+                a_done = True
+            else:
+                waiting_a[item[0]] = item[1]
+        if not b_done:
+            item = next(sb, None)
+            if item is None:
+                b_done = True
+            else:
+                waiting_b[item[0]] = item[1]
+        for name in [n for n in waiting_a if n in waiting_b]:
+            diffs.append(tensor_diff(name, waiting_a.pop(name), waiting_b.pop(name)))
+            bar.update()
+        _pair_mxfp4(waiting_a, waiting_b, diffs)
+    bar.close()
+    return diffs, sorted(waiting_a), sorted(waiting_b)
+
+
+def _pair_mxfp4(wa: dict[str, torch.Tensor], wb: dict[str, torch.Tensor], diffs: list[TensorDiff]) -> None:
+    """A's blocks+scales against B's dense weight (or the reverse): compare the decoded values."""
+    for first, second, a_is_mx in ((wa, wb, True), (wb, wa, False)):
+        for dense in [n for n in second if canonical.is_expert_weight(n)]:
+            blocks, scales = dense + "_blocks", dense + "_scales"
+            if blocks in first and scales in first:
+                decoded = next(canonical.to_dense([(blocks, first.pop(blocks)), (scales, first.pop(scales))],
+                                                  second[dense].dtype))[1]
+                other = second.pop(dense)
+                d = tensor_diff(dense, decoded, other) if a_is_mx else tensor_diff(dense, other, decoded)
+                diffs.append(dataclasses.replace(d, decoded=True))
+
+
+def tensor_diff(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff:
+    from .formats.safetensors_io import dtype_name
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return TensorDiff(name, tuple(a.shape), f"{dtype_name(a.dtype)} vs {dtype_name(b.dtype)} {list(b.shape)}",
+                          a.numel() * a.element_size(), float("inf"), False)
+    exact = torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)) if a.numel() else True
+    if exact:
+        diff = 0.0
+    elif a.is_floating_point():
+        diff = float((a.double() - b.double()).abs().nan_to_num(float("inf")).max())
+    else:
+        diff = float((a.long() - b.long()).abs().max())
+    return TensorDiff(name, tuple(a.shape), dtype_name(a.dtype), a.numel() * a.element_size(), diff, exact)
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def roundtrip_markdown(result: RoundtripResult) -> str:
+    from .report import environment, table
+    lines = [f"# Round trip: {result.src_layout} -> {result.via} -> {result.src_layout}", "",
+             f"**Verdict: {'PASS (bit-exact)' if result.ok else 'FAIL'}**", "",
+             f"Source: `{result.src}`. Options: "
+             + ", ".join(f"{k}={v}" for k, v in result.options.items()), ""]
+    lines += ["## Environment", "", table(list(environment().items()), ["", ""]), ""]
+    legs = [(f"{leg.src_layout} -> {leg.dst_layout}", leg.tensors, f"{leg.bytes_read / 1e9:.3f}",
+             f"{leg.seconds:.2f}", f"{leg.gb_per_s:.2f}", f"{leg.peak_rss_bytes / 2**20:.0f}")
+            for leg in result.legs]
+    lines += ["## Legs", "", table(legs, ["leg", "tensors", "GB read", "seconds", "GB/s", "peak RSS (MiB)"]), ""]
+    groups: dict[str, list[TensorDiff]] = {}
+    for d in result.diffs:
+        groups.setdefault(d.group, []).append(d)
+    rows = []
+    for group, ds in groups.items():
+        shapes = sorted({str(list(d.shape)) for d in ds})
+        rows.append((f"`{group}`", len(ds), ", ".join(shapes), ds[0].dtype + (" (decoded MXFP4)" if ds[0].decoded else ""),
+                     sum(d.nbytes for d in ds), f"{max(d.max_abs_diff for d in ds):.3g}",
+                     "yes" if all(d.bit_exact for d in ds) else "NO"))
+    lines += ["## Tensors", "", table(rows, ["tensor group", "count", "shape", "dtype", "bytes",
+                                             "max abs diff", "bit-exact"]), ""]
+    if result.missing or result.extra:
+        lines += ["## Missing or extra after the round trip", ""]
+        lines += [f"- missing: `{n}`" for n in result.missing] + [f"- extra: `{n}`" for n in result.extra] + [""]
+    if result.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
+    return "\n".join(lines)

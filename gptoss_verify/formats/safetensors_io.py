@@ -1,0 +1,315 @@
+"""Safetensors on disk: header-only inspection, lazy tensor-by-tensor reads, planned sharded writes.
+
+Reads: every shard's header is parsed and checked by us first (length, JSON, dtypes, offsets
+against the file size), so a truncated or corrupt file fails with one line naming the file, not
+deep inside a reader. Tensors are then read one at a time with safetensors' `safe_open`, opened
+and closed per tensor so that no mapping of a whole shard stays resident.
+
+Writes: a layout knows every name, shape and dtype it will write before the first tensor arrives
+(from the config), so each shard's header is written first with fixed offsets and each incoming
+tensor is written straight to its place. Nothing is buffered, the input order does not matter,
+and a tensor that does not match the plan is refused by name. Output goes to a temporary
+directory beside the destination, renamed into place only when complete (`atomic_directory`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size "5GB"
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
+    "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors spelling of a torch dtype (BF16, U8, F32, ...)."""
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies and what its header says (no data read)."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check one file's header: (tensors by name, `__metadata__`). No tensor data is read."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header (header length "
+                                      f"{n} bytes, file {size} bytes)")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_bytes = size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name}: {entry!r}") from None
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name}: header offsets [{begin}, {end}) hold {end - begin} "
+                                  f"bytes, expected {expected} for {entry['dtype']} {list(shape)}")
+        if end > data_bytes:
+            raise CheckpointError(f"{path}: truncated: tensor {name} ends at data byte {end}, "
+                                  f"the file holds {data_bytes} data bytes")
+        spans.append((begin, end))
+        tensors[name] = TensorInfo(name, shape, dtype, path)
+    spans.sort()
+    for (_, e0), (b1, _) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: corrupt safetensors header (overlapping tensor data)")
+    return tensors, metadata
+
+
+class SafetensorsDir:
+    """The safetensors files of one directory seen as one checkpoint: an index if there is one,
+    else every `*.safetensors` file. Headers are read up front; tensors lazily, one at a time."""
+
+    def __init__(self, directory: str | Path, index_name: str = INDEX_NAME):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: not a directory")
+        self.index_path = self.directory / index_name
+        self.tensors: dict[str, TensorInfo] = {}
+        if self.index_path.exists():
+            self._from_index()
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{self.directory}: no *.safetensors files")
+            for file in files:
+                found, _ = read_header(file)
+                for name, info in found.items():
+                    if name in self.tensors:
+                        raise CheckpointError(f"{file}: tensor {name} is also in {self.tensors[name].file.name}")
+                    self.tensors[name] = info
+
+    def _from_index(self) -> None:
+        try:
+            index = json.loads(self.index_path.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise ValueError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{self.index_path}: corrupt index ({err!r})") from None
+        headers: dict[str, dict[str, TensorInfo]] = {}
+        for file_name in sorted(set(weight_map.values())):
+            file = self.directory / file_name
+            if not file.exists():
+                first = next(n for n, f in weight_map.items() if f == file_name)
+                raise CheckpointError(f"{self.index_path}: names file {file_name} (for tensor {first}), "
+                                      f"which does not exist")
+            headers[file_name], _ = read_header(file)
+        for name, file_name in weight_map.items():
+            if name not in headers[file_name]:
+                raise CheckpointError(f"{self.directory / file_name}: tensor {name} is listed in the index "
+                                      f"but missing from the file")
+            self.tensors[name] = headers[file_name][name]
+        for file_name, found in headers.items():
+            for name in found:
+                if weight_map.get(name) != file_name:
+                    raise CheckpointError(f"{self.directory / file_name}: holds tensor {name}, which the "
+                                          f"index does not place in this file")
+        total = index.get("metadata", {}).get("total_size")
+        actual = sum(t.nbytes for t in self.tensors.values())
+        if total is not None and int(total) != actual:
+            raise CheckpointError(f"{self.index_path}: metadata.total_size is {total}, the tensors hold {actual} bytes")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (the shard is mapped only while this tensor is copied out)."""
+        try:
+            info = self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.directory}: missing tensor {name}") from None
+        try:
+            with safe_open(str(info.file), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as err:  # safetensors raises its own types; name the file and tensor
+            raise CheckpointError(f"{info.file}: cannot read tensor {name} ({err})") from None
+
+
+# ---- writing -------------------------------------------------------------------------------------
+Entry = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def plan_shards(entries: Sequence[Entry], max_bytes: int, naming: Callable[[int, int], str]
+                ) -> list[tuple[str, list[Entry]]]:
+    """Greedy split of entries (in order) into files of at most `max_bytes` (one tensor may exceed it
+    alone). `naming(i, n)` names file i of n."""
+    groups: list[list[Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * entry[2].itemsize
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += nbytes
+    return [(naming(i, len(groups)), g) for i, g in enumerate(groups)]
+
+
+def hf_shard_name(i: int, n: int) -> str:
+    """transformers' names; the published gpt-oss checkpoints count 'of' from 0
+    (model-00000-of-00002 ... model-00002-of-00002 for three files), and so do we."""
+    return "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n - 1:05d}.safetensors"
+
+
+class PlannedWriter:
+    """Shard files whose headers are fixed before any data: `put` each planned tensor once, in any
+    order, then `finish`. Refuses an unplanned name, a second copy, a wrong shape or dtype."""
+
+    def __init__(self, directory: Path, plan: list[tuple[str, list[Entry]]], metadata: dict[str, str] | None = None,
+                 write_index: bool | None = None):
+        self.directory = Path(directory)
+        self.plan = plan
+        self.slots: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}  # name -> (file, pos, shape, dtype)
+        self.files = []
+        self.written: set[str] = set()
+        self.write_index = len(plan) > 1 if write_index is None else write_index
+        meta = {"format": "pt", **(metadata or {})}
+        for file_no, (file_name, entries) in enumerate(plan):
+            header: dict = {"__metadata__": meta}
+            offsets = []
+            offset = 0
+            for name, shape, dtype in entries:
+                if name in self.slots or name in header:
+                    raise CheckpointError(f"{self.directory}: tensor {name} planned twice")
+                nbytes = math.prod(shape) * dtype.itemsize
+                header[name] = {"dtype": dtype_name(dtype), "shape": list(shape),
+                                "data_offsets": [offset, offset + nbytes]}
+                offsets.append(offset)
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            start = 8 + len(raw)
+            for (name, shape, dtype), rel in zip(entries, offsets):
+                self.slots[name] = (file_no, start + rel, tuple(shape), dtype)
+            f = open(self.directory / file_name, "wb")
+            self.files.append(f)
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(start + offset)
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        try:
+            file_no, pos, shape, dtype = self.slots[name]
+        except KeyError:
+            raise CheckpointError(f"{self.directory}: unexpected tensor {name} (not in this layout)") from None
+        if name in self.written:
+            raise CheckpointError(f"{self.directory}: tensor {name} given twice")
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise CheckpointError(f"{self.directory}: tensor {name}: expected {dtype_name(dtype)} {list(shape)}, "
+                                  f"got {tensor.dtype} {list(tensor.shape)}")
+        f = self.files[file_no]
+        if tensor.numel():
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            f.seek(pos)
+            f.write(memoryview(data.numpy()))
+        self.written.add(name)
+
+    def missing(self) -> list[str]:
+        return [n for n in self.slots if n not in self.written]
+
+    def finish(self) -> None:
+        missing = self.missing()
+        self.close()
+        if missing:
+            raise CheckpointError(f"{self.directory}: the input stream lacks {len(missing)} tensor(s), "
+                                  f"first {missing[0]}")
+        if self.write_index:
+            total = sum(math.prod(s) * d.itemsize for _, entries in self.plan for _, s, d in entries)
+            weight_map = {name: file_name for file_name, entries in self.plan for name, _, _ in entries}
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+# ---- atomic destinations -------------------------------------------------------------------------
+def check_destination(dst: str | Path) -> Path:
+    """A destination must not exist, or be an empty directory."""
+    dst = Path(dst)
+    if dst.exists() or dst.is_symlink():
+        if not dst.is_dir():
+            raise CheckpointError(f"{dst}: destination exists and is not a directory")
+        if any(dst.iterdir()):
+            raise CheckpointError(f"{dst}: destination exists and is not empty")
+    return dst
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `dst`; on success rename it to `dst`, on any error remove
+    it, so `dst` is either complete or absent (an empty `dst` given by the user is kept empty)."""
+    dst = check_destination(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -178,7 +178,8 @@ def write(stream: Iterable[tuple[str, torch.Tensor]], spec: ModelSpec, out_dir: 
                         raise CheckpointError(f"{out_dir}: tensor {name} given twice")
                     parts[proj] = tensor
                     if len(parts) == 3:
-                        writer.put(key, torch.cat([pending.pop(key)[p] for p in QKV], dim=0))
+                        del pending[key]
+                        writer.put(key, torch.cat([parts[p] for p in QKV], dim=0))
                     continue
                 if name not in GLOBAL and not rest:
                     raise CheckpointError(f"{out_dir}: unexpected tensor {name} (not in the OpenAI layout)")

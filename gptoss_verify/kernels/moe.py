@@ -43,7 +43,7 @@ class MoEConfig:
 def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoEConfig:
     """A tile shape from the mean rows per expert: skinny tiles for decode, wide ones for prefill."""
     if _interpreting():
-        return MoEConfig(block_m=16, block_n1=32, block_n2=32, block_k=32, group_m=4, num_warps=4, num_stages=1)
+        return MoEConfig(block_m=16, block_n1=64, block_n2=64, block_k=64, group_m=4, num_warps=4, num_stages=1)
     rows = tokens * k / experts
     if rows <= 16:
         return MoEConfig(16, 128, 128, 128, 8, 4, 4)

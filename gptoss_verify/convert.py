@@ -108,8 +108,27 @@ def check_paths(src: Path, dst: Path) -> None:
     check_destination(dst)
 
 
-def _counting(stream, counter: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+def check_parallel(spec, tp: int, ep: int, pp: int) -> None:
+    """Megatron sizes must divide what they split (SPEC.md §8): tp the KV heads, ep the experts,
+    pp the layers. Expert tensor parallelism is always 1."""
+    for flag, size, total, what in (("tp", tp, spec.num_kv_heads, "KV heads"), ("ep", ep, spec.num_experts, "experts"),
+                                    ("pp", pp, spec.num_layers, "layers")):
+        if not isinstance(size, int) or size < 1 or total % size:
+            raise CheckpointError(f"--{flag} {size}: must be a positive divisor of the {total} {what}")
+
+
+def _checked(stream, counter: list[int], where: Path, values: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Count what passes, and refuse NaN/Inf weights or NaN MXFP4 scales (255) by name (`values`:
+    for readers that do not check them already, as the safetensors layouts do)."""
     for name, t in stream:
+        if not values:
+            pass
+        elif t.is_floating_point():
+            if not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise CheckpointError(f"{where}: tensor {name}: expected finite values, got {bad} NaN/Inf")
+        elif t.dtype == torch.uint8 and name.endswith(("_scales", ".scales")) and bool((t == 255).any()):
+            raise CheckpointError(f"{where}: tensor {name}: expected E8M0 scales < 255, got 255 (NaN)")
         counter[0] += 1
         counter[1] += t.numel() * t.element_size()
         yield name, t
@@ -121,9 +140,17 @@ def convert(src: str | Path, dst: str | Path, to: str, *, tp: int = 1, ep: int =
     """SRC (any layout, detected) -> DST in layout `to`. DST is written atomically."""
     src, dst = Path(src), Path(dst)
     check_paths(src, dst)
-    target = layouts.module(to)  # refuse an unknown target before reading anything
+    if to not in layouts.LAYOUTS:
+        raise CheckpointError(f"--to: expected one of {sorted(layouts.LAYOUTS)}, got {to!r}")
     src_layout = src_layout or layouts.detect(src)
     source = layouts.module(src_layout)
+    if to not in layouts.MXFP4_CAPABLE:
+        spec = source.read_spec(src) if hasattr(source, "read_spec") else source.read(src)[0]
+        check_parallel(spec, tp, ep, pp)
+    if to == "openai" and dequantize:
+        raise CheckpointError("--dequantize: the OpenAI layout holds experts only as MXFP4 (OpenAI's loader "
+                              "decodes blocks/scales); dequantize to hf or megatron instead")
+    target = layouts.module(to)
     holds = layouts.holds_mxfp4(src_layout, src)
     notes: list[str] = []
     options: dict = {"progress": progress}
@@ -142,7 +169,8 @@ def convert(src: str | Path, dst: str | Path, to: str, *, tp: int = 1, ep: int =
     start = time.perf_counter()
     with PeakRSS() as mem:
         spec, stream = source.read(src)
-        target.write(_counting(stream, counter), spec, dst, **options)
+        target.write(_checked(stream, counter, src, values=src_layout not in layouts.MXFP4_CAPABLE),
+                     spec, dst, **options)
     return ConvertResult(str(src), str(dst), src_layout, to, counter[0], counter[1],
                          time.perf_counter() - start, mem.peak_bytes, notes)
 
@@ -229,7 +257,7 @@ def compare(a: Path, a_layout: str, b: Path, b_layout: str, progress: bool = Fal
     waiting_b: dict[str, torch.Tensor] = {}
     diffs: list[TensorDiff] = []
     a_done = b_done = False
-    bar = tqdm(desc="compare", unit="tensor", disable=not progress, leave=False)
+    bar = tqdm(desc="compare", unit="tensor", disable=None if progress else True, leave=False)
     while not (a_done and b_done):
         if not a_done:
             item = next(sa, None)

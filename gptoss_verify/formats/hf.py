@@ -87,7 +87,7 @@ def read(path: str | Path) -> tuple[ModelSpec, Stream]:
 
     def stream() -> Stream:
         for name in expected:
-            yield name, files.get(name)
+            yield name, files.get_finite(name)
     return spec, stream()
 
 
@@ -108,7 +108,7 @@ def write(stream: Iterable[tuple[str, torch.Tensor]], spec: ModelSpec, out_dir: 
         try:
             items = canonical.as_form(stream, mxfp4, dtype)
             for name, tensor in tqdm(items, total=len(table), desc=f"write hf {Path(out_dir).name}",
-                                     unit="tensor", disable=not progress, leave=False):
+                                     unit="tensor", disable=None if progress else True, leave=False):
                 writer.put(name, tensor)
             writer.finish()
         finally:

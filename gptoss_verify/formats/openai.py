@@ -5,8 +5,9 @@ One table maps names; one transform fuses q, k, v into `attn.qkv` by rows (q, th
 permutation). Experts are MXFP4 as published: `mlp1_weight.blocks/.scales` are HF's
 `gate_up_proj_blocks/_scales` byte for byte (even rows gate, odd rows up in both), `mlp2_*` are
 `down_proj_*`. Writing from a dense source quantises with the OCP MX rule (lossy, and the convert
-command says so); `mxfp4=False` writes dense `mlp1_weight [E,2I,H]` / `mlp2_weight [E,H,I]`
-instead, which OpenAI's loader reads by name as well.
+command says so). `mxfp4=False` writes dense `mlp1_weight [E,2I,H]` / `mlp2_weight [E,H,I]`, which
+we read back but OpenAI's loader does not (it maps those names to blocks/scales), so the CLI never
+writes it.
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def read(path: str | Path) -> tuple[ModelSpec, Stream]:
             if rest.startswith("self_attn.") and rest.split(".")[1] in QKV:
                 layer, proj, kind = name.split(".")[2], rest.split(".")[1], rest.rsplit(".", 1)[-1]
                 if proj == "q_proj":
-                    qkv = files.get(f"block.{layer}.attn.qkv.{kind}")
+                    qkv = files.get_finite(f"block.{layer}.attn.qkv.{kind}")
                     parts = dict(zip(QKV, torch.split(qkv, [q_rows, kv_rows, kv_rows], dim=0)))
                     if kind == "weight":
                         weight_parts = parts
@@ -145,7 +146,7 @@ def read(path: str | Path) -> tuple[ModelSpec, Stream]:
                         bias_parts = parts
                 yield name, ((weight_parts if kind == "weight" else bias_parts)[proj]).clone()
                 continue
-            tensor = files.get(to_openai_name(name))
+            tensor = files.get_finite(to_openai_name(name))
             if canonical.is_expert_weight(name):
                 tensor = tensor.transpose(1, 2).contiguous()
             yield name, tensor
@@ -168,7 +169,7 @@ def write(stream: Iterable[tuple[str, torch.Tensor]], spec: ModelSpec, out_dir: 
             pending: dict[str, dict[str, torch.Tensor]] = {}
             items = canonical.as_form(stream, mxfp4, dtype)
             for name, tensor in tqdm(items, total=len(table) + 4 * spec.num_layers, unit="tensor",
-                                     desc=f"write openai {Path(out_dir).name}", disable=not progress, leave=False):
+                                     desc=f"write openai {Path(out_dir).name}", disable=None if progress else True, leave=False):
                 rest = name.split(".", 3)[-1] if name.startswith("model.layers.") else ""
                 if rest.startswith("self_attn.") and rest.split(".")[1] in QKV:
                     layer, proj, kind = name.split(".")[2], rest.split(".")[1], rest.rsplit(".", 1)[-1]

@@ -170,6 +170,19 @@ class SafetensorsDir:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
+    def get_finite(self, name: str) -> torch.Tensor:
+        """`get`, refusing NaN/Inf in a float tensor and NaN (255) in an MXFP4 E8M0 scale tensor."""
+        t = self.get(name)
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum()) if not bool(torch.isfinite(t).all()) else 0
+            if bad:
+                raise CheckpointError(f"{self.tensors[name].file}: tensor {name}: expected finite values, "
+                                      f"got {bad} NaN/Inf")
+        elif t.dtype == torch.uint8 and name.endswith(("_scales", ".scales")) and bool((t == 255).any()):
+            raise CheckpointError(f"{self.tensors[name].file}: tensor {name}: expected E8M0 scales < 255, "
+                                  "got 255 (NaN)")
+        return t
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (the shard is mapped only while this tensor is copied out)."""
         try:

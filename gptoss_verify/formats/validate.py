@@ -106,7 +106,7 @@ def scan_values(items: Iterable[tuple[str, torch.Tensor]], where: str,
                 progress: bool = False, total: int | None = None) -> tuple[list[Violation], list[ScaleRange]]:
     """NaN/Inf in float tensors; E8M0 exponent range of every MXFP4 scale tensor."""
     violations, ranges = [], []
-    for name, t in tqdm(items, total=total, desc="scan", unit="tensor", disable=not progress, leave=False):
+    for name, t in tqdm(items, total=total, desc="scan", unit="tensor", disable=None if progress else True, leave=False):
         if t.is_floating_point():
             nan = int(torch.isnan(t).sum())
             inf = int(torch.isinf(t).sum())

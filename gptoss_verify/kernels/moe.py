@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
 import warnings
 
 import torch
@@ -55,7 +56,6 @@ def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoE
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -98,6 +98,9 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     t, hid = h.shape
     e = rw.shape[0]
     dev, dtype = h.device, h.dtype
+    if t == 0:  # nothing to launch (a zero grid is not a valid launch)
+        return (h.new_empty(0, hid), h.new_empty(0, e), torch.empty(0, k, dtype=torch.int64, device=dev),
+                h.new_empty(0, k))
     cfg = config or choose_config(t, e, k, mxfp4)
     ieee = dtype == torch.float32
     scaled = mxfp4 and cfg.dot_scaled and not ieee  # tl.dot_scaled takes bf16/fp16 activations only

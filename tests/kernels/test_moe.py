@@ -255,3 +255,11 @@ def test_tiny_model_with_fused_moe_matches_reference(monkeypatch):
         monkeypatch.setattr(model_mod, "block_functions", lambda backend: (attention_ref.attention, fused_moe))
         got = model_mod.Transformer.from_state_dict(spec, state)(ids)
     assert rel(got, want) < 1e-4
+
+
+def test_no_tokens():
+    h, rw, rb, gu, gub, dn, dnb = make_layer(1, 64, 96, 8, seed=0)
+    got = fused_moe(h[:0], rw, rb, gu, gub, dn, dnb, k=4, alpha=ALPHA, limit=LIMIT)
+    want = moe(h[:0], rw, rb, gu, gub, dn, dnb, k=4, alpha=ALPHA, limit=LIMIT)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype

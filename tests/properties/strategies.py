@@ -139,8 +139,8 @@ class RopeCase:
 
 
 @st.composite
-def rope_cases(draw, *, max_position=131072, scaled=False) -> RopeCase:
-    spec = draw(yarn_specs(scaled=scaled))
+def rope_cases(draw, *, max_position=131072, scaled=False, spec: ModelSpec | None = None) -> RopeCase:
+    spec = spec or draw(yarn_specs(scaled=scaled))
     n = draw(st.integers(1, 4))
     positions = tuple(draw(st.lists(st.integers(0, max_position), min_size=n, max_size=n)))
     shift = draw(st.integers(-min(positions), max_position - max(positions)))

@@ -80,11 +80,8 @@ def kl_next_token(logits_ref: torch.Tensor, logits_a: torch.Tensor, reduce: str 
 def router_ties(logits: torch.Tensor, k: int, dtype: torch.dtype) -> int:
     """Tokens whose k-th and (k+1)-th largest router logits are within one `dtype` spacing:
     their expert choice is implementation-defined, so they are reported, not failed."""
-    if logits.shape[-1] <= k:
-        return 0
-    top = logits.detach().double().topk(k + 1, dim=-1).values
-    gap = top[..., k - 1] - top[..., k]
-    return int((gap <= ulp(top[..., k - 1], dtype)).sum())
+    from ..model.moe import count_router_ties
+    return count_router_ties(logits, k, rel_gap=2.0 ** -MANTISSA_BITS[dtype])
 
 
 @dataclasses.dataclass

@@ -1,0 +1,213 @@
+"""Write a `torch.save`-compatible file one tensor at a time, and read one back lazily.
+
+`torch.save` needs every tensor in memory at once; a Megatron rank file of a full-width model is
+several GB. `StreamingTorchFile` writes the same zip container (`data.pkl`, `data/<key>` records,
+64-byte aligned) through torch's own `PyTorchFileWriter`: the pickle is written first with
+placeholders for the storages, then each tensor's bytes as it is produced, so at most one tensor
+is held. The result loads with `torch.load(..., weights_only=True)` (and `mmap=True`).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+_STORAGE_TYPES = {
+    torch.float64: "DoubleStorage", torch.float32: "FloatStorage", torch.float16: "HalfStorage",
+    torch.bfloat16: "BFloat16Storage", torch.uint8: "ByteStorage", torch.int8: "CharStorage",
+    torch.int16: "ShortStorage", torch.int32: "IntStorage", torch.int64: "LongStorage",
+    torch.bool: "BoolStorage",
+}
+
+
+class _StorageRef:
+    """Stands in the pickle for a storage whose bytes are written later."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    """Pickles exactly as a contiguous CPU tensor does (`_rebuild_tensor_v2`)."""
+
+    def __init__(self, key: str, shape: tuple[int, ...], dtype: torch.dtype):
+        self.key, self.shape, self.dtype = key, tuple(shape), dtype
+
+    def __reduce_ex__(self, protocol):
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        stride, acc = [], 1
+        for s in reversed(self.shape):
+            stride.append(acc)
+            acc *= s
+        return (torch._utils._rebuild_tensor_v2,
+                (_StorageRef(self.key, self.dtype, numel), 0, self.shape, tuple(reversed(stride)), False,
+                 collections.OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            storage_type = getattr(torch, _STORAGE_TYPES[obj.dtype])
+            return ("storage", storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+class StreamingTorchFile:
+    """`StreamingTorchFile(path, skeleton, entries)`: `skeleton(refs)` builds the object to pickle
+    from {name: placeholder}; then `put(name, tensor)` for every entry (any order), `close()`."""
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], skeleton):
+        self.path = Path(path)
+        self.expected = {name: (tuple(shape), dtype) for name, shape, dtype in entries}
+        for name, (_, dtype) in self.expected.items():
+            if dtype not in _STORAGE_TYPES:
+                raise CheckpointError(f"{self.path}: tensor {name}: dtype {dtype} is not supported")
+        self.keys = {name: str(i) for i, name in enumerate(self.expected)}
+        refs = collections.OrderedDict((n, _TensorRef(self.keys[n], s, d)) for n, (s, d) in self.expected.items())
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(skeleton(refs))
+        self._writer = torch._C.PyTorchFileWriter(str(self.path))
+        data = buf.getvalue()
+        self._writer.write_record("data.pkl", data, len(data))
+        self._writer.write_record(".format_version", "1", 1)
+        self._writer.write_record(".storage_alignment", "64", 2)
+        self._writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self.done: set[str] = set()
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.expected:
+            raise CheckpointError(f"{self.path}: unexpected tensor {name}")
+        if name in self.done:
+            raise CheckpointError(f"{self.path}: tensor {name} written twice")
+        shape, dtype = self.expected[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise CheckpointError(f"{self.path}: tensor {name}: expected {dtype} {list(shape)}, "
+                                  f"got {tensor.dtype} {list(tensor.shape)}")
+        t = tensor.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        if t.storage_offset() != 0 or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+            storage = t.untyped_storage()
+        self._writer.write_record(f"data/{self.keys[name]}", storage, storage.nbytes())
+        self.done.add(name)
+
+    def close(self) -> None:
+        missing = [n for n in self.expected if n not in self.done]
+        if missing:
+            raise CheckpointError(f"{self.path}: tensor {missing[0]} was never written "
+                                  f"({len(missing)} missing)")
+        self._writer.write_end_of_file()
+
+
+def load(path: str | Path, mmap: bool = True) -> object:
+    """`torch.load` with weights_only=True (argparse.Namespace allowed, as Megatron stores `args`),
+    memory-mapped so that nothing is read until a tensor's values are touched."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise CheckpointError(f"{path}: holds objects that weights_only loading refuses ({first})") from None
+    except (RuntimeError, OSError, EOFError) as err:
+        raise CheckpointError(f"{path}: cannot load ({str(err).splitlines()[0] if str(err) else err!r})") from None
+
+
+class StoredTensor:
+    """One tensor of a torch.save file, located but not read: `load()` reads just its bytes."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], stride: tuple[int, ...],
+                 dtype: torch.dtype, nbytes: int):
+        self.path, self.offset, self.shape, self.stride, self.dtype, self.nbytes = path, offset, shape, stride, dtype, nbytes
+
+    def load(self) -> torch.Tensor:
+        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            got = f.readinto(view)
+        if got != self.nbytes:
+            raise CheckpointError(f"{self.path}: truncated (a tensor's data ends past the end of the file)")
+        flat = buf.view(self.dtype)
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        if numel == flat.numel() and _contiguous(self.shape, self.stride):
+            return flat.reshape(self.shape)
+        return flat.as_strided(self.shape, self.stride).clone()
+
+
+def _contiguous(shape, stride) -> bool:
+    acc = 1
+    for s, st in zip(reversed(shape), reversed(stride)):
+        if s != 1 and st != acc:
+            return False
+        acc *= s
+    return True
+
+
+def index(path: str | Path) -> object:
+    """The unpickled object of a torch.save file with every tensor replaced by a `StoredTensor`
+    (weights_only rules; argparse.Namespace allowed), reading only the pickle: no tensor data is
+    touched, so opening a multi-GB rank file costs a few milliseconds."""
+    from torch import _weights_only_unpickler as wu
+    path = Path(path)
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        pkl = reader.get_record("data.pkl")
+    except (RuntimeError, OSError) as err:
+        raise CheckpointError(f"{path}: not a torch.save zip file ({str(err).splitlines()[0] if str(err) else err!r})") from None
+    keys: dict[int, tuple[str, torch.dtype, int]] = {}
+    storages = []
+
+    def persistent_load(saved_id):
+        _, storage_type, key, _location, numel = saved_id
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        nbytes = numel * torch._utils._element_size(dtype)
+        untyped = torch.UntypedStorage(nbytes, device="meta")
+        storages.append(untyped)
+        keys[untyped._cdata] = (str(key), dtype, nbytes)
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            up = wu.Unpickler(io.BytesIO(pkl), encoding="utf-8")
+            up.persistent_load = persistent_load
+            obj = up.load()
+    except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise CheckpointError(f"{path}: holds objects that weights_only loading refuses ({first})") from None
+    size = path.stat().st_size
+
+    def locate(t: torch.Tensor) -> StoredTensor:
+        key, dtype, nbytes = keys[t.untyped_storage()._cdata]
+        try:
+            base = reader.get_record_offset(f"data/{key}")
+        except RuntimeError:
+            raise CheckpointError(f"{path}: record data/{key} is missing") from None
+        start = base + t.storage_offset() * t.element_size()
+        span = nbytes - t.storage_offset() * t.element_size()
+        if base + nbytes > size:
+            raise CheckpointError(f"{path}: truncated (record data/{key} ends past the end of the file)")
+        return StoredTensor(path, start, tuple(t.shape), tuple(t.stride()), t.dtype, span)
+
+    return _replace(obj, locate)
+
+
+def _replace(obj, locate):
+    if isinstance(obj, torch.Tensor):
+        return locate(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _replace(v, locate)) for k, v in obj.items()) if isinstance(obj, collections.OrderedDict) \
+            else {k: _replace(v, locate) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_replace(v, locate) for v in obj)
+    return obj

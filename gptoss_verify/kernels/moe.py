@@ -138,7 +138,7 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     sorted_slot = torch.empty(num_m * bm, device=dev, dtype=torch.int32)
     block_expert = torch.empty(num_m, device=dev, dtype=torch.int32)
     block_rows = torch.empty(num_m, device=dev, dtype=torch.int32)
-    block_s = 1024
+    block_s = max(16, 16384 // block_e)  # [block_s, block_e] compares per program: keep them in registers
     _moe_routing.align_kernel[(triton.cdiv(tk, block_s),)](
         idx, rank, counts, sorted_slot, block_expert, block_rows, tk, e, num_m,
         BLOCK_M=bm, BLOCK_E=block_e, BLOCK_S=block_s, BLOCK_B=64, num_warps=4)

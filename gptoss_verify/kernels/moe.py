@@ -1,9 +1,9 @@
 """The fused MoE: `fused_moe` (dense bf16/fp16/fp32 experts) and `fused_moe_mxfp4` (checkpoint MXFP4
 experts decoded in the GEMM inner loop), both with the reference `model.moe.moe` signature and return.
 
-Forward, five Triton launches and one memset, no host synchronisation (CUDA-graph capturable):
-router (GEMM + bias + top-k + softmax over the k + per-expert counts) -> align (group slots by
-expert) -> GEMM 1 (gate_up + bias + clamped SwiGLU) -> GEMM 2 (down + bias, × routing weight) ->
+Forward, six Triton launches and one memset, no host synchronisation (CUDA-graph capturable):
+router GEMM (split over tokens, experts and H) -> top-k (bias, top-k, softmax over the k,
+per-expert counts) -> align (group slots by expert) -> GEMM 1 (gate_up + bias + clamped SwiGLU) -> GEMM 2 (down + bias, × routing weight) ->
 combine (deterministic sum of each token's k slots). Accumulation is float32 throughout; the
 routing is chosen on the float32 logits (lowest expert index wins an exact tie) and the returned
 logits are those rounded to the input dtype.

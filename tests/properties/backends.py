@@ -118,3 +118,12 @@ def first_violation(check: Callable, impl, strategy, n: int = 50, **kwargs):
                                                           phases=[Phase.generate]))
     except NoSuchExample:
         return None
+
+
+def model_backends() -> list[Backend]:
+    """Whole-model backends: `Transformer(backend=...)` names; `fused` once both kernels exist.
+    `fn` is the backend name to pass to `Transformer.from_state_dict`."""
+    found = [Backend("reference", "reference", "cpu", (torch.float64, torch.float32), 10 ** 6)]
+    if _kernel("attention", "fused_attention") is not None and _kernel("moe", "fused_moe") is not None:
+        found.append(Backend("fused", "fused", "cuda" if ON_GPU else "cpu", (torch.float32,), 25 if ON_GPU else 2))
+    return found

@@ -102,8 +102,8 @@ def run_law(check: Callable, impl, strategy, n: int, backend: Backend | None = N
 
 
 def first_violation(check: Callable, impl, strategy, n: int = 50, **kwargs):
-    """The first generated case on which `check` fails for `impl` (a mutant), or None if the law
-    held on all `n` cases. An exception raised by the mutant counts as a violation: the property
+    """`(case,)` for the first generated case on which `check` fails for `impl` (a mutant), or None
+    if the law held on all `n` cases (a 1-tuple, since the case itself may be None). An exception raised by the mutant counts as a violation: the property
     test would have failed on it too."""
     from hypothesis import find
     from hypothesis.errors import NoSuchExample
@@ -114,8 +114,8 @@ def first_violation(check: Callable, impl, strategy, n: int = 50, **kwargs):
         except Exception:  # noqa: BLE001 - an assertion or an error: the law test fails either way
             return True
     try:
-        return find(strategy, violated, settings=settings(settings.default, max_examples=n, database=None,
-                                                          phases=[Phase.generate]))
+        return (find(strategy, violated, settings=settings(settings.default, max_examples=n, database=None,
+                                                           phases=[Phase.generate])),)
     except NoSuchExample:
         return None
 

@@ -127,15 +127,17 @@ def check_chunked_prefill_then_decode(backend: str, case: ModelCase, dtype=torch
 
 
 @st.composite
-def _ijw(draw):
+def ijw(draw):
+    """(i, j, W): any positions, with j often within two of an edge of the window (i − W, i)."""
     i = draw(st.integers(-5, 1 << 20))
     w = draw(st.none() | st.integers(1, 300))
-    j = draw(st.integers(i - 310, i + 3) | st.integers(-5, 1 << 20))
+    edge = draw(st.sampled_from([i, i - (w or 0)]))
+    j = draw(st.integers(edge - 2, edge + 2) | st.integers(i - 310, i + 3) | st.integers(-5, 1 << 20))
     return (i, j, w)
 
 
 def test_visible_fn():
-    run_law(check_visible_fn, visible, _ijw(), 200)
+    run_law(check_visible_fn, visible, ijw(), 200)
 
 
 @pytest.mark.parametrize("backend", params(BACKENDS))

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("gptoss_verify.commands.inspect_checkpoint", "detect a checkpoint's layout and check every tensor"),
     "convert": ("gptoss_verify.commands.convert_checkpoint", "convert a checkpoint between layouts"),
     "roundtrip": ("gptoss_verify.commands.roundtrip_checkpoint", "convert there and back, compare bit for bit"),
+    "sharded-forward": ("gptoss_verify.distributed.cli", "run Megatron shards over torch.distributed, compare with the unsharded model"),
 }
 
 

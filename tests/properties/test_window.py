@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from gptoss_verify.model import Transformer
 from gptoss_verify.model.attention import visible
 
-from .backends import attention_backends, params, run_law
+from .backends import attention_backends, model_backends, params, run_law
 from .numerics import assert_close
 from .strategies import AttnCase, ModelCase, attn_cases, law_mask, model_cases, tiny_weights
 
@@ -78,8 +78,9 @@ def check_keys_per_query(attn, case: AttnCase, dtype=torch.float64, device="cpu"
 
 
 # ---- the model: layer pattern and the cache ----------------------------------------------------
-def _model(case: ModelCase, backend: str = "reference", dtype=torch.float64) -> Transformer:
-    return Transformer.from_state_dict(case.spec, tiny_weights(case.layers, case.seed, dtype), backend)
+def _model(case: ModelCase, backend: str = "reference", dtype=torch.float64, device="cpu") -> Transformer:
+    weights = {n: t.to(device) for n, t in tiny_weights(case.layers, case.seed, dtype).items()}
+    return Transformer.from_state_dict(case.spec, weights, backend)
 
 
 def check_layer_pattern(model_cls, case: ModelCase):
@@ -104,12 +105,12 @@ def check_layer_pattern(model_cls, case: ModelCase):
     return True
 
 
-def check_chunked_prefill_then_decode(backend: str, case: ModelCase, dtype=torch.float64):
+def check_chunked_prefill_then_decode(backend: str, case: ModelCase, dtype=torch.float64, device="cpu"):
     """Prefill in chunks at `case.splits` through the cache, then decode one token at a time: the
     logits equal the full forward's; sliding layers' caches never hold more than W keys, full
     layers' hold every token so far."""
-    model = _model(case, backend, dtype)
-    ids = case.ids()
+    model = _model(case, backend, dtype, device)
+    ids = case.ids().to(device)
     with torch.no_grad():
         full = model(ids, case.start)
         cache = model.new_cache()
@@ -171,5 +172,7 @@ def test_layer_pattern():
     run_law(check_layer_pattern, Transformer, model_cases(), 10)
 
 
-def test_chunked_prefill_then_decode():
-    run_law(check_chunked_prefill_then_decode, "reference", model_cases(), 25)
+@pytest.mark.parametrize("backend", params(model_backends()))
+def test_chunked_prefill_then_decode(backend):
+    run_law(check_chunked_prefill_then_decode, backend.fn, model_cases(), 25, backend,
+            dtype=backend.precise, device=backend.device)

@@ -80,7 +80,7 @@ class Float64Shadow:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.embed_tokens.weight.detach()[input_ids].to(torch.float64)
 
-    def head(self, x: torch.Tensor, trace: Trace | None) -> torch.Tensor:
+    def head(self, x: torch.Tensor, trace) -> torch.Tensor:
         from ..model.norm import rms_norm
         h = rms_norm(x.to(torch.float64), self.model.model.norm.weight.detach().double(), self.spec.rms_norm_eps)
         if trace is not None:
@@ -90,7 +90,8 @@ class Float64Shadow:
             trace.record("logits", logits)
         return logits
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int, trace: Trace | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int, trace) -> torch.Tensor:
+        """The whole model in float64; `trace` is a Trace or anything with `record(name, tensor)`."""
         x = self.embed(input_ids)
         if trace is not None:
             trace.record("embed", x)
@@ -157,7 +158,7 @@ def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype
     for i in range(n):
         x = oracle_trace[layer_name(i, "input")].to(device)
         mid = oracle_trace[layer_name(i, "resid_attn")].to(device)
-        mine, true = Trace("cpu"), Trace("cpu") if shadow else None
+        mine, true = Trace(), Trace() if shadow else None
         with torch.no_grad():
             with faults.inject(*fault_names):
                 ours.layer_forward(i, x, start_pos, mine, mlp_input=mid)
@@ -171,7 +172,7 @@ def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype
             rows += compare_point(TEACHER, name, mine[name], oracle_trace[name], true[name] if true else None,
                                   dtype, tokens=same_choice if point in AFTER_ROUTING else None, device=device)
     x = oracle_trace[layer_name(n - 1, "resid_mlp")].to(device)
-    mine, true = Trace("cpu"), Trace("cpu") if shadow else None
+    mine, true = Trace(), Trace() if shadow else None
     with torch.no_grad():
         with faults.inject(*fault_names):
             ours.head(x, mine)
@@ -183,24 +184,49 @@ def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype
     return rows, excluded
 
 
-def free_running(ours_trace: Trace, oracle_trace: Trace, truth_trace: Trace | None,
-                 dtype: torch.dtype, num_layers: int, device: str | torch.device = "cpu") -> list[PointResult]:
-    """Both models run end to end on the same tokens; every point compared, then the logits'
-    next-token distributions (KL) by the truth rule."""
-    rows: list[PointResult] = []
-    for name in ordered_names(num_layers):
+class FreeRunning:
+    """The free-running comparison. Ours and the oracle have each run end to end; the float64
+    truth (if any) is fed in point by point as `Float64Shadow.forward` computes it (this object
+    stands in for its trace), and each point is compared at once, so the truth is never stored
+    whole. Then the next-token distributions are judged by the truth rule (median KL)."""
+
+    def __init__(self, ours_trace: Trace, oracle_trace: Trace, dtype: torch.dtype,
+                 device: str | torch.device = "cpu"):
+        self.ours, self.oracle, self.dtype, self.device = ours_trace, oracle_trace, dtype, device
+        self.rows: list[PointResult] = []
+        self.argmax_agreement = math.nan  # ours against the truth (or the oracle in float64)
+        self.mean_kl = math.nan
+
+    def record(self, name: str, truth: torch.Tensor) -> None:
+        """One point of the truth: compare it with ours and the oracle (reported as drift)."""
         if split_name(name)[1] == "input":
-            continue
-        rows += compare_point(FREE, name, ours_trace[name], oracle_trace[name],
-                              truth_trace[name] if truth_trace else None, dtype, judged=truth_trace is None,
-                              device=device)
-    if truth_trace is not None:
-        tol = tolerance(dtype, "free-logits")
-        kl = metrics.kl_next_token(truth_trace["logits"], ours_trace["logits"], "median", device)
-        kl_oracle = metrics.kl_next_token(truth_trace["logits"], oracle_trace["logits"], "median", device)
+            return
+        self.rows += compare_point(FREE, name, self.ours[name], self.oracle[name], truth, self.dtype,
+                                   judged=False, device=self.device)
+        if name == "logits":
+            self._judge_logits(truth)
+
+    def without_truth(self, num_layers: int) -> list[PointResult]:
+        """Float64: ours against the oracle directly, every point judged."""
+        for name in ordered_names(num_layers):
+            if split_name(name)[1] != "input":
+                self.rows += compare_point(FREE, name, self.ours[name], self.oracle[name], None, self.dtype,
+                                           device=self.device)
+        self._summarize_logits(self.oracle["logits"])
+        return self.rows
+
+    def _judge_logits(self, truth: torch.Tensor) -> None:
+        tol = tolerance(self.dtype, "free-logits")
+        kl = metrics.kl_next_token(truth, self.ours["logits"], "median", self.device)
+        kl_oracle = metrics.kl_next_token(truth, self.oracle["logits"], "median", self.device)
         bound = tol.factor * kl_oracle + tol.limit
-        rows.append(PointResult(FREE, "logits", "free-logits", kl, kl_oracle, bound, _le(kl, bound)))
-    return rows
+        self.rows.append(PointResult(FREE, "logits", "free-logits", kl, kl_oracle, bound, _le(kl, bound)))
+        self._summarize_logits(truth)
+
+    def _summarize_logits(self, reference: torch.Tensor) -> None:
+        ours = self.ours["logits"]
+        self.argmax_agreement = metrics.argmax_agreement(ours.to(reference.device), reference)
+        self.mean_kl = metrics.kl_next_token(reference, ours, "mean", self.device)
 
 
 def first_divergence(rows: list[PointResult], num_layers: int) -> PointResult | None:

@@ -10,8 +10,8 @@ from ..config import ModelSpec
 from ..model import Transformer, faults
 from ..weights import random_weights
 from . import metrics
-from .compare import (FREE, TEACHER, Float64Shadow, PointResult, clamp_active_share, first_divergence,
-                      free_running, router_tie_count, teacher_forced)
+from .compare import (FREE, TEACHER, Float64Shadow, FreeRunning, PointResult, clamp_active_share,
+                      first_divergence, router_tie_count, teacher_forced)
 from .trace import Trace
 
 
@@ -77,36 +77,32 @@ def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> 
     gen = torch.Generator().manual_seed(case.seed + 1)
     ids = torch.randint(0, spec.vocab_size, (case.batch, case.seq), generator=gen).to(case.device)
 
-    oracle_trace, ours_trace = Trace("cpu"), Trace("cpu")
+    oracle_trace, ours_trace = Trace(), Trace()
     with torch.no_grad():
         oracle(ids, case.offset, oracle_trace)
         lap("oracle forward")
         with faults.inject(*case.faults):
             ours(ids, case.offset, trace=ours_trace)
         lap("our forward")
-    low_precision = case.dtype != torch.float64
-    shadow = Float64Shadow(ours) if low_precision else None
-    truth_trace = None
-    if shadow is not None:
-        truth_trace = Trace("cpu")
-        with torch.no_grad():
-            shadow.forward(ids, case.offset, truth_trace)
-        lap("float64 truth forward")
-
+    shadow = Float64Shadow(ours) if case.dtype != torch.float64 else None
     rows, excluded = teacher_forced(ours, oracle_trace, case.offset, case.dtype, shadow, case.faults)
     lap("teacher-forced comparison")
-    rows += free_running(ours_trace, oracle_trace, truth_trace, case.dtype, spec.num_layers, case.device)
+    free = FreeRunning(ours_trace, oracle_trace, case.dtype, case.device)
+    if shadow is None:
+        rows += free.without_truth(spec.num_layers)
+    else:
+        with torch.no_grad():
+            shadow.forward(ids, case.offset, free)
+        rows += free.rows
     lap("free-running comparison")
-    reference = truth_trace if truth_trace is not None else oracle_trace
     idx_agree = [metrics.set_agreement(ours_trace[n], oracle_trace[n]) for n in ours_trace.names()
                  if n.endswith("topk_idx")]
     result = ParityResult(
         case=case, rows=rows, first_divergence=first_divergence(rows, spec.num_layers),
-        clamp_share=clamp_active_share(ours, reference),
+        clamp_share=clamp_active_share(ours, ours_trace),
         router_ties=router_tie_count(oracle_trace, spec.num_layers, spec.experts_per_token, case.dtype),
         routing_agreement=min(idx_agree) if idx_agree else 1.0,
-        argmax_agreement=metrics.argmax_agreement(ours_trace["logits"], reference["logits"]),
-        kl_ours=metrics.kl_next_token(reference["logits"], ours_trace["logits"], device=case.device),
+        argmax_agreement=free.argmax_agreement, kl_ours=free.mean_kl,
         tie_tokens_excluded=excluded, seconds=0.0, phases=phases)
     lap("summary statistics")
     result.seconds = sum(phases.values())

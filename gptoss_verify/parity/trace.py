@@ -48,7 +48,7 @@ def split_name(name: str) -> tuple[int | None, str]:
 
 class Trace:
     """An ordered record of named tensors, detached, kept on `device` (default: where they were
-    made). Parity keeps traces on the CPU so that full-width runs leave GPU memory to the models."""
+    made, which keeps full-width comparisons on the GPU free of host copies)."""
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         self.tensors: dict[str, torch.Tensor] = {}

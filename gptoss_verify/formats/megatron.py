@@ -583,15 +583,23 @@ def _stream(ck: Checkpoint, dtype: torch.dtype) -> Iterator[tuple[str, torch.Ten
         return g.copies(name, [(t, s, p) for t in range(T) for p in range(P)])
 
     def vocab(name: str, s: int) -> torch.Tensor:
-        full = torch.cat(tp_shards(name, s))
-        pad = full[spec.vocab_size:]
-        if pad.numel() and bool((pad != 0).any()):
-            row = spec.vocab_size + int((pad != 0).any(dim=1).nonzero()[0])
-            t = row // (full.shape[0] // T)
-            raise CheckpointError(f"{ck.files[next(k for k in ck.files if k[0] == t and k[1] == s)]}: tensor {name}: "
-                                  f"vocabulary padding row {row} (of {full.shape[0]}, real vocabulary "
-                                  f"{spec.vocab_size}) is not zero")
-        return full[:spec.vocab_size].clone()
+        """The real rows, filled shard by shard (no concatenated copy); padding rows must be zero."""
+        out = None
+        for t in range(T):
+            shard = g.copies(name, [(t, s, p) for p in range(P)])
+            rows = shard.shape[0]
+            if out is None:
+                out = torch.empty(spec.vocab_size, shard.shape[1], dtype=shard.dtype)
+            a, b = t * rows, (t + 1) * rows
+            real = max(0, min(b, spec.vocab_size) - a)
+            out[a:a + real] = shard[:real]
+            pad = shard[real:]
+            if pad.numel() and bool((pad != 0).any()):
+                row = a + real + int((pad != 0).any(dim=1).nonzero()[0])
+                file = ck.files[next(k for k in sorted(ck.files) if k[0] == t and k[1] == s)]
+                raise CheckpointError(f"{file}: tensor {name}: vocabulary padding row {row} (of {rows * T}, real "
+                                      f"vocabulary {spec.vocab_size}) is not zero")
+        return out
 
     qkv_cache: dict[str, torch.Tensor] = {}
     for name in canonical_names(spec):

@@ -272,7 +272,7 @@ def mxfp4_cases(draw) -> Mxfp4Case:
 
 
 # ---- whole model -------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def tiny_weights(num_layers: int, seed: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """The tiny preset's random weights (they do not depend on the window), cached per process."""
     return random_weights(TINY.replace(num_layers=num_layers), seed, "typical", dtype)

@@ -63,7 +63,11 @@ def markdown(result: CaseResult, cfg: Config) -> str:
              f"{tp * ep * pp} ranks over `{cfg.backend}`; dtype {dtype}; batch {cfg.batch} x {cfg.seq} tokens "
              f"(seed {cfg.seed}).", "",
              f"Tolerance (parity/tolerances.py): sharded {tolerance(dtype, 'sharded').limit:g} "
-             f"({tolerance(dtype, 'sharded').reason}); routing agreement >= {tolerance(dtype, 'routing').limit:g}.", "",
+             f"({tolerance(dtype, 'sharded').reason}); routing agreement >= {tolerance(dtype, 'routing').limit:g}."
+             + ("" if dtype == "float64" else
+                f" Below float64 a point over the sharded limit still passes by the truth rule: its error against "
+                f"the float64 unsharded run is at most {tolerance(dtype, 'truth').factor:g}x the unsharded {dtype} "
+                f"run's own plus {tolerance(dtype, 'truth').limit:.3g} (see the note column)."), "",
              "## Environment", "", table(list(environment(cfg.backend == 'nccl' and 'cuda' or 'cpu').items()), ["", ""]), "",
              "## Points", "",
              table([(f"`{r.name}`", r.kind, f"{r.measure:.3g}", f"{r.limit:.3g}", "yes" if r.ok else "NO", r.note)

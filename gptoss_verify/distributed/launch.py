@@ -136,17 +136,19 @@ def _run_case(case: Case, rank: int, world: int, cfg: Config, device) -> CaseRes
             if part:
                 ours.update(part)
         ref = _reference_trace(case, spec, ids.cpu(), dtype)
-        rows = compare(ours, ref, spec.num_layers, spec.vocab_size, dtype)
+        truth = _reference_trace(case, spec, ids.cpu(), torch.float64) if dtype != torch.float64 else None
+        rows = compare(ours, ref, spec.num_layers, spec.vocab_size, dtype, truth)
         verdict = [CaseResult(case, (grid.tp, grid.ep, grid.pp), rows)]
     dist.barrier()
     return verdict[0]
 
 
 def _reference_trace(case: Case, spec, ids: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The unsharded model from the HF reference checkpoint, traced."""
-    from ..formats import canonical, hf
+    """The unsharded model from the reference checkpoint (HF normally; any layout we read), traced."""
+    from ..formats import canonical
+    from ..formats import layout as layouts
     from ..model import Transformer
-    ref_spec, stream = hf.read(case.reference_dir)
+    ref_spec, stream = layouts.module(layouts.detect(case.reference_dir)).read(case.reference_dir)
     a, b = dataclasses.replace(ref_spec, name=""), dataclasses.replace(spec, name="")
     if a != b:
         diff = [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
@@ -179,6 +181,9 @@ def spawn(cfg: Config, world: int | None = None, deadline_s: float | None = None
             while not ctx.join(timeout=0.5):
                 if time.monotonic() > limit:
                     raise TimeoutError(f"sharded forward: the {world} ranks did not finish in time")
+        except mp.ProcessRaisedException as err:
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+            raise ValueError(f"sharded forward: rank {err.error_index} failed: {lines[-1] if lines else err}") from None
         finally:
             for proc in ctx.processes:
                 if proc.is_alive():

@@ -177,3 +177,17 @@ def test_world_of_4_tp2xep2_and_ep4(model):
     results = _run(_pass_cases(model, tp2ep2) + _pass_cases(model, ep4), world=4)
     _check_pass(results[:2])
     _check_pass(results[2:])
+
+
+def test_cli_report_and_exit_status(model, tmp_path):
+    """The command end to end: spawns its ranks, writes the report, exit 0; and a bad input is one
+    line and exit 1 before any process starts."""
+    from gptoss_verify.cli import main
+    tp2 = _megatron(model, "tp2", tp=2, pad_vocab=True)
+    report = tmp_path / "report.md"
+    rc = main(["sharded-forward", str(tp2), "--reference", str(model[2] / "hf"), "--seq", "20",
+               "--timeout", "60", "--report", str(report)])
+    assert rc == 0
+    text = report.read_text()
+    assert "**Verdict: PASS**" in text and "`layers.1.resid_mlp`" in text and "tp=2 ep=1 pp=1" in text
+    assert main(["sharded-forward", str(tmp_path / "missing"), "--reference", str(model[2] / "hf")]) == 1

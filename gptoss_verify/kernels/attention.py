@@ -79,15 +79,25 @@ def attention_forward(q, k, v, sinks, *, window, q_start=0, k_start=0):
     lse = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     if sq == 0:
         return out, lse
-    block_m = 64 if sq >= 64 else max(16, triton.next_power_of_2(sq))
-    block_n = 64
+    block_m, block_n, warps, stages = _forward_config(sq, q.is_cuda)
     grid = (triton.cdiv(sq, block_m), b * hq)
     _attn_fwd[grid](q, k, v, sinks, out, lse,
                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                     sq, sk, q_start, k_start, window or 0, d ** -0.5,
-                    HQ=hq, GROUP=hq // hkv, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SLIDING=window is not None)
+                    HQ=hq, GROUP=hq // hkv, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SLIDING=window is not None,
+                    num_warps=warps, num_stages=stages)
     return out, lse
+
+
+def _forward_config(sq: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages): 128×64 tiles with 8 warps for long prefill on a GPU,
+    the smallest tile tl.dot accepts for decode, small tiles under the interpreter."""
+    if not on_gpu:
+        return (64 if sq >= 64 else max(16, triton.next_power_of_2(sq))), 64, 4, 1
+    if sq >= 128:
+        return 128, 64, 8, 3
+    return max(16, triton.next_power_of_2(sq)), 64, 4, 3
 
 
 @triton.jit

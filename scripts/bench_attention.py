@@ -1,0 +1,153 @@
+"""Attention benchmark: our fused kernel next to its peers, in one run, one table.
+
+Peers: FlexAttention with an LSE sink correction (out · σ(lse − sink)), SDPA flash without sinks
+(a ceiling: it does less work and cannot express the window), and transformers-style eager
+attention (matmul, mask, sink column, max subtraction, softmax, matmul). bf16, batch 1 unless
+stated, 64 query / 8 kv heads, head_dim 64. Prints a markdown table; `--out PATH` also writes it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import torch
+import torch.nn.functional as F
+import triton
+from tabulate import tabulate
+
+from gptoss_verify.kernels.attention import fused_attention
+
+HQ, HKV, D = 64, 8, 64
+COPY_BW = 3.0e12  # bytes/s, measured H100 copy bandwidth (the decode ceiling)
+
+
+def eager(q, k, v, sinks, window, q_start=0, k_start=0):
+    """transformers' eager GPT-OSS attention, written out: [B, S, H, D] in and out."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    k = k.repeat_interleave(HQ // HKV, dim=1)
+    v = v.repeat_interleave(HQ // HKV, dim=1)
+    s = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5
+    qi = torch.arange(q.shape[2], device=q.device)[:, None] + q_start
+    kj = torch.arange(k.shape[2], device=q.device)[None, :] + k_start
+    visible = (kj <= qi) & ((kj > qi - window) if window else True)
+    s = s + torch.where(visible, 0.0, torch.finfo(s.dtype).min).to(s.dtype)
+    logits = torch.cat([s, sinks.view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1)], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    p = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+    return torch.matmul(p, v).transpose(1, 2)
+
+
+def make_flex(seq_q, seq_k, window, q_start):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def mask_mod(b, h, qi, kj):
+        ok = kj <= qi + q_start
+        if window:
+            ok = ok & (kj > qi + q_start - window)
+        return ok
+
+    block_mask = create_block_mask(mask_mod, None, None, seq_q, seq_k, device="cuda")
+
+    def run(q, k, v, sinks):
+        out, lse = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                            enable_gqa=True, return_lse=True)
+        factor = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # Z / (Z + e^sink)
+        return (out * factor.unsqueeze(-1).to(out.dtype)).transpose(1, 2)
+    return run
+
+
+def sdpa(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True, enable_gqa=True).transpose(1, 2)
+
+
+def visible_pairs(sq, sk, window, q_start):
+    """How many (query, key) pairs the mask lets through: the work a kernel that skips masked
+    blocks must do."""
+    qp = torch.arange(sq, dtype=torch.int64) + q_start
+    hi = torch.clamp(qp, max=sk - 1)
+    lo = torch.clamp(qp - window + 1, min=0) if window else torch.zeros_like(qp)
+    return int(torch.clamp(hi - lo + 1, min=0).sum())
+
+
+def bench(fn, backward: bool, inputs):
+    if backward:
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        out = fn(*leaves)
+        grad = torch.randn_like(out)
+
+        def step():
+            for t in leaves:
+                t.grad = None
+            fn(*leaves).backward(grad)
+        return triton.testing.do_bench(step, warmup=5, rep=30)
+    with torch.no_grad():
+        return triton.testing.do_bench(lambda: fn(*inputs), warmup=5, rep=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="also write the table here (markdown)")
+    parser.add_argument("--quick", action="store_true", help="only the smallest shapes")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cases = [  # (label, batch, sq, sk, window, q_start)
+        ("causal S=4096", 1, 4096, 4096, None, 0),
+        ("causal S=16384", 1, 16384, 16384, None, 0),
+        ("causal S=65536", 1, 65536, 65536, None, 0),
+        ("window 128 S=4096", 1, 4096, 4096, 128, 0),
+        ("window 128 S=65536", 1, 65536, 65536, 128, 0),
+        ("decode B=64 KV=8192", 64, 1, 8192, None, 8191),
+        ("decode B=1 KV=131072", 1, 1, 131072, None, 131071),
+    ]
+    if args.quick:
+        cases = cases[:1] + cases[3:4] + cases[5:6]
+    rows = []
+    for label, b, sq, sk, window, q_start in cases:
+        q = torch.randn(b, sq, HQ, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, sk, HKV, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, sk, HKV, D, device="cuda", dtype=torch.bfloat16)
+        sinks = (torch.randn(HQ, device="cuda") * 5).to(torch.bfloat16)
+        flops = 4 * b * HQ * D * visible_pairs(sq, sk, window, q_start)
+        kv_bytes = 2 * b * sk * HKV * D * 2
+        peers = {
+            "ours (Triton)": lambda q, k, v, s: fused_attention(q, k, v, s, window=window, q_start=q_start),
+            "flex + LSE sink": make_flex(sq, sk, window, q_start),
+            "SDPA flash, no sinks" + (", no window" if window else ""):
+                (lambda q, k, v, s: sdpa(q, k, v)) if sq == sk else None,
+            "eager (transformers' math)": (lambda q, k, v, s: eager(q, k, v, s, window, q_start))
+                if b * HQ * sq * sk <= 64 * 8192 * 8192 else None,
+        }
+        for name, fn in peers.items():
+            for backward in (False, True):
+                if fn is None:
+                    rows.append((label, name, "fwd+bwd" if backward else "fwd", "skipped (too large or n/a)", "", ""))
+                    continue
+                if backward and sq == 1:
+                    continue
+                try:
+                    ms = bench(fn, backward, (q, k, v, sinks))
+                except Exception as err:  # noqa: BLE001 - a peer that cannot run at a size is reported
+                    rows.append((label, name, "fwd+bwd" if backward else "fwd", f"failed: {type(err).__name__}", "", ""))
+                    torch.cuda.empty_cache()
+                    continue
+                work = flops * (3.5 if backward else 1.0)
+                bw = f"{kv_bytes / (ms * 1e-3) / COPY_BW:.0%} of copy" if sq == 1 else ""
+                rows.append((label, name, "fwd+bwd" if backward else "fwd", f"{ms:.3f}",
+                             f"{work / (ms * 1e-3) / 1e12:.0f}", bw))
+        del q, k, v
+        torch.cuda.empty_cache()
+    head = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {torch.cuda.get_device_name()}, "
+            f"torch {torch.__version__}, triton {triton.__version__}; bf16, {HQ} q / {HKV} kv heads, head_dim {D}")
+    text = head + "\n\n" + tabulate(rows, headers=["case", "implementation", "pass", "ms", "TFLOP/s", "decode BW"],
+                                    tablefmt="github")
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,8 @@ def _attn_fwd(Q, K, V, S, O, L,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
               n_q, n_k, q_start, k_start, window, scale,
               HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
+              PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -47,7 +48,7 @@ def _attn_fwd(Q, K, V, S, O, L,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = offs_n[:, None] < n_k
         k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         k_pos = k_start + offs_n
         visible = (k_pos[None, :] <= q_pos[:, None]) & (offs_n[None, :] < n_k)
         if SLIDING:
@@ -59,7 +60,7 @@ def _attn_fwd(Q, K, V, S, O, L,
         alpha = tl.exp(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past the end with a −inf sink: nothing to divide
     out = acc / l_i[:, None]
@@ -86,8 +87,14 @@ def attention_forward(q, k, v, sinks, *, window, q_start=0, k_start=0):
                     v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                     sq, sk, q_start, k_start, window or 0, d ** -0.5,
                     HQ=hq, GROUP=hq // hkv, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SLIDING=window is not None,
-                    num_warps=warps, num_stages=stages)
+                    PREC=_precision(q), num_warps=warps, num_stages=stages)
     return out, lse
+
+
+def _precision(q: torch.Tensor) -> str:
+    """float32 inputs get IEEE float32 products (Triton's default for them on a GPU is TF32, a
+    10-bit mantissa: a 1e-2 error on scores near 100); bf16/fp16 products are exact in fp32 anyway."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _forward_config(sq: int, on_gpu: bool) -> tuple[int, int, int, int]:
@@ -105,7 +112,8 @@ def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
                  n_q, n_k, q_start, k_start, window, scale,
                  HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
+              PREC: tl.constexpr):
     """dQ_i = scale · Σ_j P_ij (dO_i·V_j − δ_i) K_j over the keys query i sees (δ_i = O_i·dO_i)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -136,10 +144,10 @@ def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ,
         visible = (k_pos[None, :] <= q_pos[:, None]) & (offs_n[None, :] < n_k)
         if SLIDING:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
-        p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k), input_precision=PREC) * scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_mask)
 
@@ -149,7 +157,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
                    n_q, n_k, q_start, k_start, window, scale,
                    HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
+              PREC: tl.constexpr):
     """dV_j = Σ_i P_ij dO_i and dK_j = scale · Σ_i dS_ij Q_i over the GROUP query heads of this kv
     head and the queries that see key j; one program owns its keys, so no atomics."""
     pid_n = tl.program_id(0)
@@ -184,11 +193,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV,
             visible = (k_pos[None, :] <= q_pos[:, None]) & (offs_m[:, None] < n_q) & (offs_n[None, :] < n_k)
             if SLIDING:
                 visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
-            p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
+            p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k), input_precision=PREC) * scale - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     tl.store(DK + b * skb + kvh * skh + offs_n[:, None] * sks + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=kv_mask)
     tl.store(DV + b * svb + kvh * svh + offs_n[:, None] * svs + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -209,10 +218,10 @@ def attention_backward(q, k, v, sinks, out, lse, d_out, *, window, q_start, k_st
             v.stride(0), v.stride(1), v.stride(2), sq, sk, q_start, k_start, window or 0, d ** -0.5)
     _attn_bwd_dq[(triton.cdiv(sq, block_m), b * hq)](q, k, v, d_out, lse, delta, dq, *args, HQ=hq, GROUP=hq // hkv,
                                                       D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                      SLIDING=window is not None)
+                                                      SLIDING=window is not None, PREC=_precision(q))
     _attn_bwd_dkdv[(triton.cdiv(sk, block_n), b * hkv)](q, k, v, d_out, lse, delta, dk, dv, *args, HKV=hkv,
                                                          GROUP=hq // hkv, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                         SLIDING=window is not None)
+                                                         SLIDING=window is not None, PREC=_precision(q))
     return dq, dk, dv, d_sinks
 
 

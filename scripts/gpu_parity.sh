@@ -12,7 +12,7 @@ export PYTHONPATH=$PWD
   python3 -c "import sys, torch, transformers, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-python3 -m pytest -m gpu tests/foundation -q -p no:cacheprovider 2>&1 | tail -25 > "$OUT/gpu-tests-foundation.log"
+python3 -m pytest -m gpu tests/foundation -q -p no:cacheprovider -rA 2>&1 | tail -30 > "$OUT/gpu-tests-foundation.log"
 cat "$OUT/gpu-tests-foundation.log"
 run_parity() {  # name, then parity args
   local name=$1; shift
@@ -25,5 +25,5 @@ run_parity() {  # name, then parity args
 }
 run_parity parity-20b-bf16 --preset gpt-oss-20b --dtype bfloat16 --seq 4096 --batch 1 --profile typical
 run_parity parity-20b-bf16-fused --preset gpt-oss-20b --dtype bfloat16 --seq 4096 --batch 1 --profile typical --backend fused
-run_parity parity-120b-bf16 --preset gpt-oss-120b --layers ${LAYERS_120B:-6} --dtype bfloat16 --seq 4096 --batch 1 --profile typical
+run_parity parity-120b-bf16 --preset gpt-oss-120b --layers ${LAYERS_120B:-8} --dtype bfloat16 --seq 4096 --batch 1 --profile typical
 nvidia-smi --query-gpu=memory.used --format=csv >> "$OUT/summary.txt"

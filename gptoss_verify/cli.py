@@ -14,6 +14,7 @@ import sys
 # triton are imported only when a command needs them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "parity": ("gptoss_verify.parity.cli", "compare our model with transformers layer by layer"),
+    "golden": ("gptoss_verify.golden_cli", "regenerate the golden logits, or check ours / transformers against them"),
     "make-checkpoint": ("gptoss_verify.commands.make_checkpoint", "write a synthetic checkpoint in a published layout"),
     "inspect": ("gptoss_verify.commands.inspect_checkpoint", "detect a checkpoint's layout and check every tensor"),
     "convert": ("gptoss_verify.commands.convert_checkpoint", "convert a checkpoint between layouts"),

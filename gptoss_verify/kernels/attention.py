@@ -17,6 +17,29 @@ import triton.language as tl
 
 
 @triton.jit
+def _key_range(pid_m, n_q, n_k, q_start, k_start, window,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+    """[lo, hi): the keys that query block pid_m can see, lo rounded down to a key block."""
+    last_q = tl.minimum(q_start + pid_m * BLOCK_M + BLOCK_M - 1, q_start + n_q - 1)
+    hi = tl.minimum(last_q - k_start + 1, n_k)
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(q_start + pid_m * BLOCK_M - window + 1 - k_start, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _visible(q_pos, offs_n, n_k, k_start, window, SLIDING: tl.constexpr):
+    """[M, N] mask: key j visible from query i iff q_pos − W < k_pos ≤ q_pos (and j < n_k)."""
+    k_pos = k_start + offs_n
+    visible = (k_pos[None, :] <= q_pos[:, None]) & (offs_n[None, :] < n_k)
+    if SLIDING:
+        visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
+    return visible
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, S, O, L,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
               n_q, n_k, q_start, k_start, window, scale,
@@ -37,22 +60,13 @@ def _attn_fwd(Q, K, V, S, O, L,
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.where(sink == float("-inf"), 0.0, 1.0)  # exp(sink − m)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    # key index range this block of queries can see
-    last_q = tl.minimum(q_start + pid_m * BLOCK_M + BLOCK_M - 1, q_start + n_q - 1)
-    hi = tl.minimum(last_q - k_start + 1, n_k)
-    lo = 0
-    if SLIDING:
-        lo = tl.maximum(q_start + pid_m * BLOCK_M - window + 1 - k_start, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
+    lo, hi = _key_range(pid_m, n_q, n_k, q_start, k_start, window, BLOCK_M, BLOCK_N, SLIDING)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = offs_n[:, None] < n_k
         k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        k_pos = k_start + offs_n
-        visible = (k_pos[None, :] <= q_pos[:, None]) & (offs_n[None, :] < n_k)
-        if SLIDING:
-            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
+        visible = _visible(q_pos, offs_n, n_k, k_start, window, SLIDING)
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet (sink −inf)
@@ -129,21 +143,13 @@ def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ,
     delta = tl.load(DELTA + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
     q_pos = q_start + offs_m
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    last_q = tl.minimum(q_start + pid_m * BLOCK_M + BLOCK_M - 1, q_start + n_q - 1)
-    hi = tl.minimum(last_q - k_start + 1, n_k)
-    lo = 0
-    if SLIDING:
-        lo = tl.maximum(q_start + pid_m * BLOCK_M - window + 1 - k_start, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
+    lo, hi = _key_range(pid_m, n_q, n_k, q_start, k_start, window, BLOCK_M, BLOCK_N, SLIDING)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = offs_n[:, None] < n_k
         k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        k_pos = k_start + offs_n
-        visible = (k_pos[None, :] <= q_pos[:, None]) & (offs_n[None, :] < n_k)
-        if SLIDING:
-            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
+        visible = _visible(q_pos, offs_n, n_k, k_start, window, SLIDING)
         p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k), input_precision=PREC) * scale - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -170,7 +176,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV,
     kv_mask = offs_n[:, None] < n_k
     k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-    k_pos = k_start + offs_n
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     # queries that can see this key block: q_pos >= first key; with a window, q_pos < last key + W
@@ -190,9 +195,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV,
             lse = tl.load(L + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
             delta = tl.load(DELTA + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
             q_pos = q_start + offs_m
-            visible = (k_pos[None, :] <= q_pos[:, None]) & (offs_m[:, None] < n_q) & (offs_n[None, :] < n_k)
-            if SLIDING:
-                visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
+            visible = _visible(q_pos, offs_n, n_k, k_start, window, SLIDING) & (offs_m[:, None] < n_q)
             p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k), input_precision=PREC) * scale - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)

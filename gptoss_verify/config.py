@@ -241,6 +241,18 @@ PRESETS: dict[str, ModelSpec] = {
 }
 
 
+# Small shapes other than `tiny` that tests and goldens share: square H = I as in the real models
+# with GQA 8:1, top-2 of 16 experts and head_dim 32; and no GQA, 3 layers, top-3 of 5, window 5.
+TINY_VARIANTS: dict[str, ModelSpec] = {
+    "tiny": PRESETS["tiny"],
+    "square": PRESETS["tiny"].replace(hidden_size=96, intermediate_size=96, num_heads=8, num_kv_heads=1,
+                                      head_dim=32, num_experts=16, experts_per_token=2, sliding_window=8,
+                                      name="square"),
+    "mha": PRESETS["tiny"].replace(num_layers=3, num_heads=4, num_kv_heads=4, num_experts=5, experts_per_token=3,
+                                   sliding_window=5, name="mha"),
+}
+
+
 def preset(name: str) -> ModelSpec:
     try:
         return PRESETS[name]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelSpec, preset
+from .config import TINY_VARIANTS, ModelSpec
 from .model import Transformer
 from .parity import metrics
 from .parity.tolerances import dtype_name, tolerance
@@ -28,14 +28,7 @@ from .parity.trace import Trace
 from .weights import random_weights
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "golden"
-_TINY = preset("tiny")
-SHAPES = {
-    "tiny": _TINY,
-    "square": _TINY.replace(hidden_size=96, intermediate_size=96, num_heads=8, num_kv_heads=1, head_dim=32,
-                            num_experts=16, experts_per_token=2, sliding_window=8, name="square"),
-    "mha": _TINY.replace(num_layers=3, num_heads=4, num_kv_heads=4, num_experts=5, experts_per_token=3,
-                         sliding_window=5, name="mha"),
-}
+SHAPES = TINY_VARIANTS
 
 
 @dataclasses.dataclass(frozen=True)

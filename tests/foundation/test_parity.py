@@ -4,26 +4,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_verify.config import preset
+from gptoss_verify.config import TINY_VARIANTS, preset
 from gptoss_verify.parity.run import ParityCase, run_case
 
 TINY = preset("tiny")
-SHAPES = {
-    "tiny": TINY,
-    # square H = I as in the real models, GQA 8:1, top-2 of 16, head_dim 32, window 8
-    "square-gqa8": TINY.replace(hidden_size=96, intermediate_size=96, num_heads=8, num_kv_heads=1, head_dim=32,
-                                num_experts=16, experts_per_token=2, sliding_window=8, name="square-gqa8"),
-    # no GQA, odd layer count, top-3 of 5 experts, a window of 5
-    "mha-3layers": TINY.replace(num_layers=3, num_heads=4, num_kv_heads=4, num_experts=5, experts_per_token=3,
-                                sliding_window=5, name="mha-3layers"),
-}
+SHAPES = TINY_VARIANTS  # tiny (H != I), square (H = I, GQA 8:1, top-2 of 16), mha (3 layers, top-3 of 5)
 CASES = [  # (shape, batch, seq, offset, seed)
     ("tiny", 2, 40, 0, 0),        # batch 2, seq 2.5x the window
     ("tiny", 1, 48, 0, 3),        # a sequence 3x the window
     ("tiny", 2, 37, 4090, 1),     # odd length, positions past 4096 (YaRN's original context)
     ("tiny", 1, 9, 131000, 2),    # near the end of the 131072 context
-    ("square-gqa8", 2, 33, 5, 4),
-    ("mha-3layers", 3, 17, 0, 5),
+    ("square", 2, 33, 5, 4),
+    ("mha", 3, 17, 0, 5),
 ]
 
 

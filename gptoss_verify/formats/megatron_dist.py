@@ -35,7 +35,7 @@ from ..config import ConfigError, ModelSpec
 from ..weights import canonical_names
 from .canonical import Stream, TensorTable
 from .errors import CheckpointError
-from .megatron import ITERATION, SIDECAR, TRACKER, Layout, rank_plan
+from .megatron import ITERATION, SIDECAR, TRACKER, Layout, _find_meta, rank_plan
 from .megatron_source import Source, open_source
 from .safetensors_io import atomic_directory, write_json
 
@@ -183,13 +183,7 @@ def detect(path: str | Path) -> bool:
 
 
 def _meta(root: Path, iter_dir: Path) -> dict:
-    for cand in (root / SIDECAR, iter_dir / SIDECAR, iter_dir.parent / SIDECAR):
-        if cand.is_file():
-            try:
-                return json.loads(cand.read_text())
-            except ValueError as err:
-                raise CheckpointError(f"{cand}: not valid JSON ({err})") from None
-    return {}
+    return _find_meta(root, iter_dir) or {}
 
 
 def read_spec(path: str | Path) -> ModelSpec:

@@ -573,7 +573,7 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _stream(ck: Checkpoint, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     spec, lay, g = ck.spec, ck.layout, _Gather(ck)
     T, P, S = lay.tp, lay.ep, lay.pp
-    h, d, inter, qpk = spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.q_per_kv
+    d, qpk = spec.head_dim, spec.q_per_kv
     per_stage = spec.num_layers // S
 
     def tp_shards(name: str, s: int) -> list[torch.Tensor]:

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gptoss_verify.convert import convert
 from gptoss_verify.formats import hf
 from gptoss_verify.formats.canonical import to_dense
 from gptoss_verify.model import Transformer

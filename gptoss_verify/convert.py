@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .formats import canonical
 from .formats import layout as layouts
 from .formats.errors import CheckpointError
-from .formats.safetensors_io import check_destination
+from .formats.safetensors_io import check_destination, count_nonfinite
 
 MEGATRON_OPTIONS = ("tp", "ep", "pp", "pad_vocab")
 
@@ -124,8 +124,8 @@ def _checked(stream, counter: list[int], where: Path, values: bool = True) -> It
         if not values:
             pass
         elif t.is_floating_point():
-            if not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
+            bad = count_nonfinite(t)
+            if bad:
                 raise CheckpointError(f"{where}: tensor {name}: expected finite values, got {bad} NaN/Inf")
         elif t.dtype == torch.uint8 and name.endswith(("_scales", ".scales")) and bool((t == 255).any()):
             raise CheckpointError(f"{where}: tensor {name}: expected E8M0 scales < 255, got 255 (NaN)")

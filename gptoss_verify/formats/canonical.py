@@ -77,8 +77,11 @@ def to_mxfp4(stream: Iterable[tuple[str, torch.Tensor]]) -> Stream:
     """Encode every dense expert weight with the OCP MX rule (lossy); other tensors pass through."""
     for name, tensor in stream:
         if is_expert_weight(name):
-            try:
-                blocks, scales = mxfp4.from_hf_dense(tensor)
+            try:  # one expert at a time: the encoder's float32 temporaries stay small
+                pairs = [mxfp4.from_hf_dense(tensor[e:e + 1]) for e in range(tensor.shape[0])]
+                blocks = torch.cat([b for b, _ in pairs])
+                scales = torch.cat([s for _, s in pairs])
+                del pairs
             except mxfp4.MXFP4Error as err:
                 raise CheckpointError(f"{name}: cannot quantise to MXFP4 ({err})") from None
             yield name + "_blocks", blocks
@@ -100,13 +103,15 @@ def as_form(stream: Iterable[tuple[str, torch.Tensor]], mxfp4_out: bool, dtype: 
 def peek(stream: Iterable[tuple[str, torch.Tensor]]) -> tuple[tuple[str, torch.Tensor] | None, Stream]:
     """The first item and a stream that still yields it."""
     it = iter(stream)
-    first = next(it, None)
+    held = [next(it, None)]
 
     def chained() -> Stream:
-        if first is not None:
-            yield first
+        item = held.pop()  # not kept: a held tensor would stay resident for the whole stream
+        if item is not None:
+            yield item
+            del item
         yield from it
-    return first, chained()
+    return held[0], chained()
 
 
 def float_dtype_of(first: tuple[str, torch.Tensor] | None) -> torch.dtype:

@@ -99,6 +99,7 @@ def write(stream: Iterable[tuple[str, torch.Tensor]], spec: ModelSpec, out_dir: 
     decoded exactly). `dtype`: of the float tensors, by default the stream's own."""
     first, stream = canonical.peek(stream)
     dtype = dtype or canonical.float_dtype_of(first)
+    del first  # the stream still yields it; holding it here would keep it resident
     table = expected_tensors(spec, mxfp4=mxfp4, dtype=dtype)
     last = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
     order = [n for n in table if n not in last] + list(last)

@@ -160,6 +160,7 @@ def write(stream: Iterable[tuple[str, torch.Tensor]], spec: ModelSpec, out_dir: 
     `max_shard_bytes`; OpenAI's loader reads every *.safetensors file of the directory)."""
     first, stream = canonical.peek(stream)
     dtype = dtype or canonical.float_dtype_of(first)
+    del first  # the stream still yields it; holding it here would keep it resident
     table = expected_tensors(spec, mxfp4=mxfp4, dtype=dtype)
     plan = plan_shards([(n, *table[n]) for n in table], max_shard_bytes,
                        lambda i, n: "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")

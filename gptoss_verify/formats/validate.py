@@ -108,8 +108,11 @@ def scan_values(items: Iterable[tuple[str, torch.Tensor]], where: str,
     violations, ranges = [], []
     for name, t in tqdm(items, total=total, desc="scan", unit="tensor", disable=None if progress else True, leave=False):
         if t.is_floating_point():
-            nan = int(torch.isnan(t).sum())
-            inf = int(torch.isinf(t).sum())
+            nan = inf = 0
+            flat = t.reshape(-1)
+            for i in range(0, flat.numel(), 1 << 24):  # chunks: no whole-tensor temporaries
+                nan += int(torch.isnan(flat[i:i + (1 << 24)]).sum())
+                inf += int(torch.isinf(flat[i:i + (1 << 24)]).sum())
             if nan:
                 violations.append(Violation("nan", where, name, "finite values", f"{nan} NaN"))
             if inf:

@@ -17,7 +17,15 @@ from tabulate import tabulate
 from gptoss_verify.kernels.attention import fused_attention
 
 HQ, HKV, D = 64, 8, 64
-COPY_BW = 3.0e12  # bytes/s, measured H100 copy bandwidth (the decode ceiling)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (read + written), measured in this run: the
+    decode ceiling."""
+    src = torch.empty(1 << 30, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=50)
+    return 2 * (1 << 31) / (ms * 1e-3)
 
 
 def eager(q, k, v, sinks, window, q_start=0, k_start=0):
@@ -72,7 +80,7 @@ def visible_pairs(sq, sk, window, q_start):
     return int(torch.clamp(hi - lo + 1, min=0).sum())
 
 
-def bench(fn, backward: bool, inputs):
+def bench(fn, backward: bool, inputs, graph: bool = False):
     if backward:
         leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
         out = fn(*leaves)
@@ -84,6 +92,8 @@ def bench(fn, backward: bool, inputs):
             fn(*leaves).backward(grad)
         return triton.testing.do_bench(step, warmup=5, rep=30)
     with torch.no_grad():
+        if graph:  # launch overhead out: how a serving loop replays decode
+            return triton.testing.do_bench_cudagraph(lambda: fn(*inputs), rep=30)
         return triton.testing.do_bench(lambda: fn(*inputs), warmup=5, rep=30)
 
 
@@ -104,6 +114,7 @@ def main() -> None:
     ]
     if args.quick:
         cases = cases[:1] + cases[3:4] + cases[5:6]
+    copy_bw = copy_bandwidth()
     rows = []
     for label, b, sq, sk, window, q_start in cases:
         q = torch.randn(b, sq, HQ, D, device="cuda", dtype=torch.bfloat16)
@@ -112,8 +123,10 @@ def main() -> None:
         sinks = (torch.randn(HQ, device="cuda") * 5).to(torch.bfloat16)
         flops = 4 * b * HQ * D * visible_pairs(sq, sk, window, q_start)
         kv_bytes = 2 * b * sk * HKV * D * 2
+        ours = lambda q, k, v, s: fused_attention(q, k, v, s, window=window, q_start=q_start)  # noqa: E731
         peers = {
-            "ours (Triton)": lambda q, k, v, s: fused_attention(q, k, v, s, window=window, q_start=q_start),
+            "ours (Triton)": ours,
+            "ours (Triton), CUDA graph": ours if sq == 1 else None,
             "flex + LSE sink": make_flex(sq, sk, window, q_start),
             "SDPA flash, no sinks" + (", no window" if window else ""):
                 (lambda q, k, v, s: sdpa(q, k, v)) if sq == sk else None,
@@ -122,25 +135,28 @@ def main() -> None:
         }
         for name, fn in peers.items():
             for backward in (False, True):
+                if fn is None and "CUDA graph" in name:
+                    continue
                 if fn is None:
                     rows.append((label, name, "fwd+bwd" if backward else "fwd", "skipped (too large or n/a)", "", ""))
                     continue
                 if backward and sq == 1:
                     continue
                 try:
-                    ms = bench(fn, backward, (q, k, v, sinks))
+                    ms = bench(fn, backward, (q, k, v, sinks), graph="CUDA graph" in name)
                 except Exception as err:  # noqa: BLE001 - a peer that cannot run at a size is reported
                     rows.append((label, name, "fwd+bwd" if backward else "fwd", f"failed: {type(err).__name__}", "", ""))
                     torch.cuda.empty_cache()
                     continue
                 work = flops * (3.5 if backward else 1.0)
-                bw = f"{kv_bytes / (ms * 1e-3) / COPY_BW:.0%} of copy" if sq == 1 else ""
+                bw = f"{kv_bytes / (ms * 1e-3) / copy_bw:.0%} of copy" if sq == 1 else ""
                 rows.append((label, name, "fwd+bwd" if backward else "fwd", f"{ms:.3f}",
                              f"{work / (ms * 1e-3) / 1e12:.0f}", bw))
         del q, k, v
         torch.cuda.empty_cache()
     head = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {torch.cuda.get_device_name()}, "
-            f"torch {torch.__version__}, triton {triton.__version__}; bf16, {HQ} q / {HKV} kv heads, head_dim {D}")
+            f"torch {torch.__version__}, triton {triton.__version__}; bf16, {HQ} q / {HKV} kv heads, head_dim {D}; "
+            f"copy bandwidth measured in this run {copy_bw / 1e12:.2f} TB/s (read + written)")
     text = head + "\n\n" + tabulate(rows, headers=["case", "implementation", "pass", "ms", "TFLOP/s", "decode BW"],
                                     tablefmt="github")
     print(text)

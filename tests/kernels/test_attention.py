@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_verify.kernels.attention import fused_attention
+from gptoss_verify.kernels.attention import _decode, attention_forward, decode_splits, fused_attention
 from gptoss_verify.model.attention import attention
 
 ON_GPU = torch.cuda.is_available()
@@ -25,6 +25,7 @@ SMALL = [
     (1, 70, 70, 8, 1, 16, 8, 4090, 4090),     # GQA 8, positions past 4096
     (2, 3, 20, 8, 2, 16, 16, 100, 83),        # decode-like: a windowed cache starting at 83
     (1, 1, 33, 4, 2, 64, None, 32, 0),        # one query, head_dim 64
+    (1, 160, 160, 4, 2, 16, 80, 0, 0),        # a window wider than two tiles: unmasked blocks inside it
 ]
 
 
@@ -62,6 +63,62 @@ def _check(shape, dtype, sink_scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_fused_attention_small(shape, dtype, sink_scale):
     _check(shape, dtype, sink_scale)
+
+
+def _truth_out_lse(tensors, shape):
+    """float64 output and log-sum-exp (sink included) from the reference math."""
+    *_, window, q_start, k_start = shape
+    q, k, v, sinks = (t.double() for t in tensors)
+    group = q.shape[2] // k.shape[2]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(group, dim=2)) * q.shape[-1] ** -0.5
+    qp = torch.arange(q.shape[1], device=q.device)[:, None] + q_start
+    kp = torch.arange(k.shape[1], device=q.device)[None, :] + k_start
+    visible = (kp <= qp) & ((kp > qp - window) if window else True)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    logits = torch.cat([scores, sinks.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    return attention(q, k, v, sinks, window=window, q_start=q_start, k_start=k_start), lse
+
+
+# decode shapes: one to a few queries against caches long enough to split (interpreter tiles are 32)
+DECODE = [
+    (2, 1, 300, 8, 2, 16, None, 299, 0),
+    (1, 3, 500, 8, 1, 32, None, 497, 0),
+    (1, 2, 300, 4, 2, 16, 64, 1000, 702),     # windowed cache: only the last 64 keys are read
+    (3, 4, 130, 4, 4, 16, None, 126, 0),
+]
+
+
+@pytest.mark.parametrize("splits", [None, 1, 2, 3, 7])
+@pytest.mark.parametrize("shape", DECODE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_decode_splits_merge_to_the_truth(shape, dtype, splits):
+    """The packed decode kernel, whatever the number of key splits, and the prefill kernel on the
+    same inputs give the float64 output and log-sum-exp (truth rule against the reference path)."""
+    tensors, _ = _inputs(shape, dtype, 10.0)
+    *_, window, q_start, k_start = shape
+    truth_out, truth_lse = _truth_out_lse(tensors, shape)
+    ref_err = (attention(*tensors, window=window, q_start=q_start, k_start=k_start).double() - truth_out).abs().max()
+    q, k, v, sinks = tensors
+    out, lse = torch.empty_like(q), torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+    _decode(q, k, v, sinks, out, lse, window=window, q_start=q_start, k_start=k_start,
+            overrides=None if splits is None else {"decode_splits": splits})
+    prefill_out, prefill_lse = attention_forward(*tensors, window=window, q_start=q_start, k_start=k_start,
+                                                 path="prefill")
+    for o, l in ((out, lse), (prefill_out, prefill_lse)):
+        err = (o.double() - truth_out).abs().max().item()
+        assert err <= 2 * ref_err + FLOOR[dtype] * max(truth_out.abs().max().item(), 1.0)
+        torch.testing.assert_close(l.double(), truth_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [0, 1, 63, 64, 65, 1000, 131072])
+@pytest.mark.parametrize("batch_kv", [1, 8, 512])
+def test_decode_splits_cover_the_keys_once(keys, batch_kv):
+    splits, chunk = decode_splits(batch_kv, keys, 64, 264)
+    assert chunk % 64 == 0 and splits >= 1
+    assert (splits - 1) * chunk < max(keys, 1) <= splits * chunk
+    assert splits <= max(1, -(-264 // batch_kv))  # no more programs than asked for
+    assert splits == 1 or chunk >= 4 * 64  # a split reads at least four key blocks
 
 
 def test_huge_sinks_stay_finite():

@@ -1,0 +1,99 @@
+"""Tile sizes for the fused attention kernels, measured: every candidate (BLOCK_M, BLOCK_N, warps,
+stages) per regime at the benchmark's shapes (bf16, 64 q / 8 kv heads, head_dim 64), one table
+per regime, fastest first. The winners go into `kernels/attention.py: CONFIGS` by hand, so a
+run of the model never autotunes. `--out PATH` also writes the tables (markdown).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import torch
+import triton
+from tabulate import tabulate
+
+from gptoss_verify.kernels.attention import attention_backward, attention_forward
+
+HQ, HKV, D = 64, 8, 64
+PREFILL = [(bm, bn, w, s) for bm, bn, w in ((128, 64, 8), (128, 128, 8), (128, 64, 4), (64, 64, 4), (64, 128, 4),
+                                            (128, 32, 4), (64, 32, 4))
+           for s in (2, 3)] + [(128, 64, 8, 4), (128, 128, 8, 4)]
+BACKWARD = [(bm, bn, w, s) for bm, bn, w in ((64, 64, 4), (64, 128, 8), (128, 64, 8), (32, 64, 4), (64, 32, 4),
+                                             (128, 128, 8), (32, 128, 4))
+            for s in (1, 2)]
+DECODE = [(None, bn, w, s) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+
+def inputs(b, sq, sk):
+    torch.manual_seed(0)
+    q = torch.randn(b, sq, HQ, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, sk, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return q, k, v, (torch.randn(HQ, device="cuda") * 5).to(torch.bfloat16)
+
+
+def time_ms(fn):
+    try:
+        return triton.testing.do_bench(fn, warmup=5, rep=25)
+    except Exception as err:  # noqa: BLE001 - a tile that does not fit (shared memory) is reported
+        return f"failed: {type(err).__name__}"
+
+
+def sweep(title, configs, make_fn, flops):
+    rows = []
+    for cfg in configs:
+        ms = time_ms(make_fn(cfg))
+        tf = f"{flops / (ms * 1e-3) / 1e12:.0f}" if isinstance(ms, float) else ""
+        rows.append((str(cfg), ms if isinstance(ms, str) else round(ms, 4), tf))
+    rows.sort(key=lambda r: r[1] if isinstance(r[1], float) else float("inf"))
+    return f"### {title}\n\n" + tabulate(rows, headers=["config", "ms", "TFLOP/s"], tablefmt="github")
+
+
+def causal_flops(sq, window=None):
+    pairs = sum(min(i + 1, window or i + 1) for i in range(sq))
+    return 4 * HQ * D * pairs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    tables = []
+    for sq, window, kind in ((4096, None, "prefill"), (16384, None, "prefill"), (65536, 128, "prefill_window")):
+        q, k, v, s = inputs(1, sq, sq)
+        fn = lambda cfg: (lambda: attention_forward(q, k, v, s, window=window, path="prefill",  # noqa: E731
+                                                    overrides={kind: cfg}))
+        tables.append(sweep(f"{kind}, S={sq}, window={window}", PREFILL, fn, causal_flops(sq, window)))
+    for sq, window in ((4096, None),):
+        q, k, v, s = inputs(1, sq, sq)
+        out, lse = attention_forward(q, k, v, s, window=window)
+        d_out = torch.randn_like(out)
+        for kernel in ("bwd_dq", "bwd_dkdv"):
+            fn = lambda cfg: (lambda: attention_backward(q, k, v, s, out, lse, d_out, window=window,  # noqa: E731
+                                                         q_start=0, k_start=0, overrides={kernel: cfg}))
+            tables.append(sweep(f"backward ({kernel} varied, the other at its default), S={sq}, window={window}",
+                                BACKWARD, fn, 2.5 * causal_flops(sq, window)))
+    for b, sk in ((64, 8192), (1, 131072)):
+        q, k, v, s = inputs(b, 1, sk)
+        fn = lambda cfg: (lambda: attention_forward(q, k, v, s, window=None, q_start=sk - 1,  # noqa: E731
+                                                    overrides={"decode": cfg}))
+        tables.append(sweep(f"decode B={b} KV={sk} (automatic splits)", DECODE, fn, 4 * b * HQ * D * sk))
+        splits = [1, 2, 4] if b > 8 else [8, 16, 33, 66, 132, 264]
+        rows = []
+        for n in splits:
+            ms = time_ms(lambda: attention_forward(q, k, v, s, window=None, q_start=sk - 1,
+                                                   overrides={"decode_splits": n}))
+            gbs = 2 * b * sk * HKV * D * 2 / (ms * 1e-3) / 1e9 if isinstance(ms, float) else ""
+            rows.append((n, ms, gbs))
+        tables.append(f"### decode B={b} KV={sk}, splits\n\n"
+                      + tabulate(rows, headers=["splits", "ms", "K/V GB/s"], tablefmt="github"))
+    head = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {torch.cuda.get_device_name()}, "
+            f"torch {torch.__version__}, triton {triton.__version__}; bf16, {HQ} q / {HKV} kv heads, head_dim {D}")
+    text = head + "\n\n" + "\n\n".join(tables)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

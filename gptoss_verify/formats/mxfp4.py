@@ -5,16 +5,41 @@ Blocks of 32 e2m1 values share one E8M0 scale and run along the *input* (contrac
 holds element 2b in its low nibble and 2b+1 in its high nibble; value = table[nibble]·2^(scale−127).
 Both checkpoint layouts store experts as `[E, out, in/32, ...]`; the HF module then uses the
 transpose `[E, in, out]` (`to_hf_dense` / `from_hf_dense`).
+
+Speed matters here: a full-width 20B layer holds 0.8 G expert values, and every conversion between
+an MXFP4 layout and a dense one decodes or encodes all of them. Both directions therefore work on
+bounded row chunks through lookup tables instead of per-nibble arithmetic:
+
+- decode: one 256-entry table maps a block byte to *both* of its values at once (a bf16 or float32
+  pair packed in one integer, low nibble first, so a little-endian view is the element order);
+  the scale is applied with one multiply by the exact power of two. Every product is exact
+  (at most 3 significant bits times a power of two, inside float32's and bf16's range), so the
+  result is bit-identical to value·ldexp(1, scale−127) rounded once; scale 255 (E8M0 NaN) goes
+  through that literal formula, chunk by chunk, so it too stays as it always decoded.
+- encode, bf16 input: the integer bit patterns do the work. |x|'s bits minus (exponent << 7) *are*
+  the bits of the scaled magnitude m whenever m is a normal number, and the e2m1 code of m is a
+  table lookup on those bits; blocks whose magnitudes come near bf16's subnormals take the float
+  path instead. Other dtypes take the float path: float32 magnitudes, the exponent from `frexp`
+  (exact, where log2 can round up for a float32 just below a power of two), and the code by the
+  threshold comparisons. Both paths apply the same one rule (`_code_of_magnitude`).
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+
+from .tensor_ops import transpose_copy
 
 FP4_VALUES = (+0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK = 32
 SCALE_BIAS = 127
 E2M1_EMAX = 2  # the largest e2m1 magnitude is 6 = 1.5 · 2^2
-_CHUNK_ROWS = 1 << 16  # rows decoded at a time, so temporaries stay small on full-size tensors
+_CHUNK_VALUES = 1 << 19  # values per chunk: temporaries stay in cache and small on full-size tensors
+# bf16 fast-path bound: blocks with 0 < max|x| < 2^(_FAST_MIN_EXP + 2) take the float path, so that
+# every magnitude the bit trick sees is normal or too small to reach the first threshold
+_FAST_MIN_EXP = -120
 
 
 class MXFP4Error(ValueError):
@@ -29,20 +54,153 @@ def check_pair(blocks: torch.Tensor, scales: torch.Tensor, name: str = "tensor")
                          f"{list(blocks.shape)} and {list(scales.shape)}")
 
 
+# ---- decode ---------------------------------------------------------------------------------------
+_PAIR_INT = {2: (torch.int32, np.uint32), 4: (torch.int64, np.uint64)}  # element size -> packed pair
+_FAST_DECODE = (torch.bfloat16, torch.float32)  # every 2^(s-127), s < 255, is exact in these
+_tables: dict = {}
+
+
+def _pair_table(dtype: torch.dtype) -> np.ndarray:
+    """[256] integers: entry b holds (value of b's low nibble, value of its high nibble) in `dtype`,
+    the low nibble's value at the lower address."""
+    if dtype not in _tables:
+        b = torch.arange(256)
+        values = torch.tensor(FP4_VALUES, dtype=dtype)
+        pair = torch.stack([values[b & 0x0F], values[b >> 4]], dim=-1).contiguous()  # [256, 2]
+        _tables[dtype] = pair.view(_PAIR_INT[dtype.itemsize][0]).reshape(256).numpy().view(_PAIR_INT[dtype.itemsize][1])
+    return _tables[dtype]
+
+
+def _powers_of_two(dtype: torch.dtype) -> torch.Tensor:
+    """[256] `dtype`: ldexp(1, s - 127), computed as the literal formula computes it."""
+    key = ("pow2", dtype)
+    if key not in _tables:
+        _tables[key] = torch.ldexp(torch.ones(256), torch.arange(256, dtype=torch.float32) - SCALE_BIAS).to(dtype)
+    return _tables[key]
+
+
+def _decode_formula(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The definition, literally: table values, ldexp in float32, one rounding to `dtype`."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    b = blocks.to(torch.int64)
+    vals = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).flatten(-2)  # low nibble first
+    exp = scales.to(torch.int32) - SCALE_BIAS
+    return torch.ldexp(vals, exp[..., None].to(torch.float32)).to(dtype)
+
+
 def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """[..., G, 16] uint8 + [..., G] uint8 -> [..., G·32] in `dtype` (exact in bf16 for |exp| < 127)."""
     check_pair(blocks, scales)
     lead, groups = blocks.shape[:-2], blocks.shape[-2]
-    flat_b = blocks.reshape(-1, groups, BLOCK // 2)
-    flat_s = scales.reshape(-1, groups)
-    out = torch.empty(flat_b.shape[0], groups, BLOCK, dtype=dtype, device=blocks.device)
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    for r in range(0, flat_b.shape[0], _CHUNK_ROWS):
-        b = flat_b[r:r + _CHUNK_ROWS].to(torch.int64)
-        vals = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).flatten(-2)  # low nibble first
-        exp = flat_s[r:r + _CHUNK_ROWS].to(torch.int32) - SCALE_BIAS
-        out[r:r + _CHUNK_ROWS] = torch.ldexp(vals, exp[..., None].to(torch.float32)).to(dtype)
-    return out.reshape(*lead, groups * BLOCK)
+    flat_b = blocks.reshape(-1, groups, BLOCK // 2).cpu()
+    flat_s = scales.reshape(-1, groups).cpu()
+    out = torch.empty(flat_b.shape[0], groups, BLOCK, dtype=dtype)
+    rows = max(1, _CHUNK_VALUES // (groups * BLOCK))
+    fast = dtype in _FAST_DECODE
+    if fast:
+        table, factors = _pair_table(dtype), _powers_of_two(dtype)
+        flat_b = flat_b.contiguous()
+        out_pairs = out.view(_PAIR_INT[dtype.itemsize][0]).numpy().view(_PAIR_INT[dtype.itemsize][1])
+    for r in range(0, flat_b.shape[0], rows):
+        b, s = flat_b[r:r + rows], flat_s[r:r + rows]
+        if not fast or bool((s == 255).any()):
+            out[r:r + rows] = _decode_formula(b, s, dtype)
+            continue
+        # mode="clip": no bounds buffer (uint8 indices are always < 256), straight into `out`
+        np.take(table, b.numpy(), out=out_pairs[r:r + rows], mode="clip")
+        out[r:r + rows].mul_(factors[s.to(torch.int64)].unsqueeze(-1))
+    return out.reshape(*lead, groups * BLOCK).to(blocks.device)
+
+
+# ---- encode ---------------------------------------------------------------------------------------
+# Midpoints between neighbouring e2m1 magnitudes [0, .5, 1, 1.5, 2, 3, 4, 6], each with the side
+# a tie goes to: to the even code (0.25 -> 0, 0.75 -> 1.0, 1.25 -> 1.0, 1.75 -> 2.0, 2.5 -> 2,
+# 3.5 -> 4, 5 -> 4). '>' sends a tie down, '>=' up. Above 6 everything saturates to code 7.
+_THRESHOLDS = ((0.25, torch.gt), (0.75, torch.ge), (1.25, torch.gt), (1.75, torch.ge), (2.5, torch.gt),
+               (3.5, torch.ge), (5.0, torch.gt))
+
+
+def _code_of_magnitude(m: torch.Tensor) -> torch.Tensor:
+    """e2m1 magnitude code (0..7) of scaled magnitudes m >= 0, round to nearest, ties to even."""
+    code = torch.zeros(m.shape, dtype=torch.uint8)
+    for threshold, op in _THRESHOLDS:
+        code += op(m, threshold)
+    return code
+
+
+def _bf16_code_table() -> np.ndarray:
+    """Code of every non-negative bf16 bit pattern below 8.0 (m < 8 always holds), by the rule."""
+    if "codes" not in _tables:
+        bits = torch.arange(_BF16_EIGHT, dtype=torch.int32).to(torch.int16)
+        _tables["codes"] = _code_of_magnitude(bits.view(torch.bfloat16).float()).numpy()
+    return _tables["codes"]
+
+
+def _bf16_bits(v: float) -> int:
+    return int(torch.tensor(v, dtype=torch.bfloat16).view(torch.int16))
+
+
+_BF16_EIGHT = _bf16_bits(8.0)  # every scaled magnitude m is below 8
+_BF16_INF = _bf16_bits(float("inf"))  # |x| bit patterns from here up are Inf or NaN
+
+
+def _pack(code: np.ndarray) -> np.ndarray:
+    """[..., 32] codes < 16 -> [..., 16] bytes, element 2b in the low nibble: read as little-endian
+    uint16 a pair is lo | hi << 8, and (pair | pair >> 4) keeps lo | hi << 4 in its low byte."""
+    pair = code.view(np.uint16)
+    return (pair | (pair >> 4)).astype(np.uint8)
+
+
+def _encode_bf16(chunk: torch.Tensor, blocks_out: np.ndarray, scales_out: np.ndarray) -> bool:
+    """[r, G·32] bf16 (contiguous) -> blocks/scales through the bit patterns; False (nothing
+    written) when a block's magnitudes reach bf16's subnormals, for the float path to take."""
+    r, n = chunk.shape
+    bits = chunk.view(torch.int16).numpy().reshape(r, n // BLOCK, BLOCK)
+    mag = bits & np.int16(0x7FFF)
+    amax = torch.from_numpy(mag).amax(-1).numpy()
+    if int(amax.max(initial=0)) >= _BF16_INF:
+        raise MXFP4Error("encode: input holds NaN or Inf")
+    if bool(((amax > 0) & (amax < ((_FAST_MIN_EXP + E2M1_EMAX + SCALE_BIAS) << 7))).any()):
+        return False
+    # floor(log2(amax)) is amax's exponent field - 127; the shared exponent is 2 below it
+    exp = np.where(amax > 0, (amax >> 7) - (SCALE_BIAS + E2M1_EMAX), 0).astype(np.int16)
+    key = mag - (exp << 7)[..., None]  # the bits of m = |x|·2^-exp (normal m; else tiny, code 0)
+    np.clip(key, 0, _BF16_EIGHT - 1, out=key)
+    code = _bf16_code_table().take(key)
+    code |= (bits.view(np.uint16) > 0x8000).view(np.uint8) << 3  # x < 0 (not -0.0, no NaN here)
+    blocks_out[...] = _pack(code)
+    scales_out[...] = (exp + SCALE_BIAS).astype(np.uint8)
+    return True
+
+
+def _encode_float(chunk: torch.Tensor, blocks_out: np.ndarray, scales_out: np.ndarray) -> None:
+    r, n = chunk.shape
+    xf = chunk.to(torch.float32).reshape(r, n // BLOCK, BLOCK)
+    m = xf.abs()
+    amax = m.amax(-1)  # NaN propagates
+    if not bool(torch.isfinite(amax).all()):
+        raise MXFP4Error("encode: input holds NaN or Inf")
+    _, e = torch.frexp(amax)  # amax = f·2^e, f in [0.5, 1): floor(log2(amax)) = e - 1, exactly
+    exp = torch.where(amax > 0, e - 1 - E2M1_EMAX, torch.zeros_like(e)).clamp(-SCALE_BIAS, SCALE_BIAS)
+    m /= torch.ldexp(torch.ones_like(amax), exp)[..., None]  # exact (a power of two)
+    code = _code_of_magnitude(m)
+    code |= (xf < 0).to(torch.uint8) << 3
+    blocks_out[...] = _pack(code.numpy())
+    scales_out[...] = (exp + SCALE_BIAS).to(torch.uint8).numpy()
+
+
+def _row_chunks(x: torch.Tensor, rows: int):
+    """Chunks [k, N] of x's rows (all leading dims flattened) in order, each contiguous, never a
+    copy of the whole of a non-contiguous x (a transposed expert is copied chunk by chunk)."""
+    n = x.shape[-1]
+    try:
+        flat = x.view(-1, n)
+    except RuntimeError:
+        for i in range(x.shape[0]):
+            yield from _row_chunks(x[i], rows)
+        return
+    for r in range(0, flat.shape[0], rows):
+        yield flat[r:r + rows].contiguous()
 
 
 def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,30 +209,31 @@ def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     OCP MX rule: shared exponent = floor(log2(max|x|)) − 2, so the block's largest element lands in
     [4, 8) and elements are rounded to the nearest e2m1 value (ties to the even code), saturating at
     ±6. An all-zero block gets scale 127. Values already on the grid of their block decode exactly.
+    Inputs wider than float32 are rounded to float32 first.
     """
     if x.shape[-1] % BLOCK:
         raise MXFP4Error(f"encode: last dimension must be a multiple of {BLOCK}, got {x.shape[-1]}")
-    if not torch.isfinite(x).all():
-        raise MXFP4Error("encode: input holds NaN or Inf")
+    x = x.detach().cpu()
     lead, n = x.shape[:-1], x.shape[-1]
-    xb = x.reshape(-1, n // BLOCK, BLOCK).to(torch.float32)
-    amax = xb.abs().amax(-1)
-    exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(2.0 ** -140))) - E2M1_EMAX,
-                      torch.zeros_like(amax)).clamp(-SCALE_BIAS, SCALE_BIAS)
-    m = (xb / torch.ldexp(torch.ones_like(amax), exp.to(torch.int32))[..., None]).abs()
-    # thresholds between grid points; '>' sends a tie down, '>=' up, so ties land on even codes
-    code = ((m > 0.25).int() + (m >= 0.75).int() + (m > 1.25).int() + (m >= 1.75).int()
-            + (m > 2.5).int() + (m >= 3.5).int() + (m > 5.0).int())
-    code = code + 8 * (xb < 0).int()
-    code = code.to(torch.uint8)
-    packed = code[..., 0::2] | (code[..., 1::2] << 4)
-    scales = (exp + SCALE_BIAS).to(torch.uint8)
-    return packed.reshape(*lead, n // BLOCK, BLOCK // 2), scales.reshape(*lead, n // BLOCK)
+    groups = n // BLOCK
+    total = math.prod(lead)
+    blocks = np.empty((total, groups, BLOCK // 2), dtype=np.uint8)
+    scales = np.empty((total, groups), dtype=np.uint8)
+    rows = max(1, _CHUNK_VALUES // max(n, 1))
+    r = 0
+    for chunk in _row_chunks(x, rows) if n else ():
+        k = chunk.shape[0]
+        b_out, s_out = blocks[r:r + k], scales[r:r + k]
+        if chunk.dtype != torch.bfloat16 or not _encode_bf16(chunk, b_out, s_out):
+            _encode_float(chunk, b_out, s_out)
+        r += k
+    return (torch.from_numpy(blocks).reshape(*lead, groups, BLOCK // 2),
+            torch.from_numpy(scales).reshape(*lead, groups))
 
 
 def to_hf_dense(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Checkpoint blocks/scales [E, out, in/32, 16] -> the HF module's dense [E, in, out]."""
-    return decode(blocks, scales, dtype).transpose(-1, -2).contiguous()
+    return transpose_copy(decode(blocks, scales, dtype))
 
 
 def from_hf_dense(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

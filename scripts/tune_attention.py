@@ -15,13 +15,23 @@ from tabulate import tabulate
 from gptoss_verify.kernels.attention import attention_backward, attention_forward
 
 HQ, HKV, D = 64, 8, 64
-PREFILL = [(bm, bn, w, s) for bm, bn, w in ((128, 64, 8), (128, 128, 8), (128, 64, 4), (64, 64, 4), (64, 128, 4),
-                                            (128, 32, 4), (64, 32, 4))
-           for s in (2, 3)] + [(128, 64, 8, 4), (128, 128, 8, 4)]
-BACKWARD = [(bm, bn, w, s) for bm, bn, w in ((64, 64, 4), (64, 128, 8), (128, 64, 8), (32, 64, 4), (64, 32, 4),
-                                             (128, 128, 8), (32, 128, 4))
-            for s in (1, 2)]
-DECODE = [(None, bn, w, s) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+
+def tiles(shapes, stages, **extra):
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **extra) for bm, bn, w in shapes for st in stages]
+
+
+PREFILL = tiles(((128, 64, 8), (128, 128, 8), (128, 64, 4), (64, 64, 4), (64, 128, 4), (128, 32, 4)), (2, 3),
+                SPLIT_MASK=True) + tiles(((128, 64, 4), (128, 128, 4), (64, 64, 4)), (4,), SPLIT_MASK=True)
+WINDOW = tiles(((64, 64, 4), (64, 32, 4), (32, 64, 4), (128, 64, 4), (32, 32, 4)), (1, 2, 3), SPLIT_MASK=False) + \
+    tiles(((64, 64, 4), (64, 32, 4), (32, 64, 4)), (1, 2), SPLIT_MASK=True)
+BACKWARD = tiles(((64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 128, 8), (64, 64, 8)), (1, 2, 3))
+DECODE = [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
+
+
+def label(cfg):
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "num_warps": "w", "num_stages": "s", "SPLIT_MASK": "split"}
+    return " ".join(f"{short[k]}={int(v) if isinstance(v, bool) else v}" for k, v in cfg.items())
 
 
 def inputs(b, sq, sk):
@@ -43,7 +53,7 @@ def sweep(title, configs, make_fn, flops):
     for cfg in configs:
         ms = time_ms(make_fn(cfg))
         tf = f"{flops / (ms * 1e-3) / 1e12:.0f}" if isinstance(ms, float) else ""
-        rows.append((str(cfg), ms if isinstance(ms, str) else round(ms, 4), tf))
+        rows.append((label(cfg), ms if isinstance(ms, str) else round(ms, 4), tf))
     rows.sort(key=lambda r: r[1] if isinstance(r[1], float) else float("inf"))
     return f"### {title}\n\n" + tabulate(rows, headers=["config", "ms", "TFLOP/s"], tablefmt="github")
 
@@ -58,11 +68,12 @@ def main():
     parser.add_argument("--out")
     args = parser.parse_args()
     tables = []
-    for sq, window, kind in ((4096, None, "prefill"), (16384, None, "prefill"), (65536, 128, "prefill_window")):
+    for sq, window, kind, configs in ((4096, None, "prefill", PREFILL), (16384, None, "prefill_long", PREFILL),
+                                      (65536, 128, "prefill_window", WINDOW)):
         q, k, v, s = inputs(1, sq, sq)
         fn = lambda cfg: (lambda: attention_forward(q, k, v, s, window=window, path="prefill",  # noqa: E731
                                                     overrides={kind: cfg}))
-        tables.append(sweep(f"{kind}, S={sq}, window={window}", PREFILL, fn, causal_flops(sq, window)))
+        tables.append(sweep(f"{kind}, S={sq}, window={window}", configs, fn, causal_flops(sq, window)))
     for sq, window in ((4096, None),):
         q, k, v, s = inputs(1, sq, sq)
         out, lse = attention_forward(q, k, v, s, window=window)

@@ -12,6 +12,19 @@ from ._attention_masks import _split_key_range, _split_query_range, _visible
 
 
 @triton.jit
+def _attn_bwd_delta(O, DO, DELTA, sob, sos, soh, n_q, HQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """δ_i = ⟨O_i, dO_i⟩ in float32, [B, Hq, Sq]: grid (B·Hq, query blocks); O and dO share strides."""
+    bh = tl.program_id(0)
+    b = bh // HQ
+    h = bh % HQ
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs = b * sob + h * soh + offs_m[:, None] * sos + tl.arange(0, D)[None, :]
+    o = tl.load(O + offs, mask=offs_m[:, None] < n_q, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=offs_m[:, None] < n_q, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * n_q + offs_m, tl.sum(o * do, 1), mask=offs_m < n_q)
+
+
+@triton.jit
 def _dq_keys(dq, q, do, lse2, delta, k_ptr, v_ptr, sks, svs, offs_d, q_pos, lo, hi, n_k, k_start, window, qk_scale,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SLIDING: tl.constexpr, PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
@@ -103,9 +116,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV,
                    HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, PREC: tl.constexpr):
     """dV_j = Σ_i P_ij dO_i and dK_j = scale · Σ_i dS_ij Q_i over the GROUP query heads of this kv
-    head and the queries that see key j."""
-    pid_n = tl.program_id(0)
-    bkv = tl.program_id(1)
+    head and the queries that see key j. Grid (B·Hkv, key blocks): the first key blocks (seen by
+    the most queries) are issued first."""
+    bkv = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = bkv // HKV
     kvh = bkv % HKV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -51,8 +51,11 @@ def _attn_fwd(Q, K, V, S, O, L,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
               n_q, n_k, q_start, k_start, window, qk_scale,
               HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, PREC: tl.constexpr):
-    """Prefill: grid (B·Hq, query blocks); the last query blocks (most keys) are issued first."""
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, PREC: tl.constexpr,
+              SPLIT_MASK: tl.constexpr):
+    """Prefill: grid (B·Hq, query blocks); the last query blocks (most keys) are issued first.
+    SPLIT_MASK: whole visible key blocks run a loop without the mask (pays on long rows); without
+    it one masked loop covers all keys (pays on a narrow window: one pipelined loop, not three)."""
     bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = bh // HQ
@@ -72,12 +75,16 @@ def _attn_fwd(Q, K, V, S, O, L,
     lo, a, c, hi = _split_key_range(first_q, last_q, n_k, k_start, window, BLOCK_N, SLIDING)
     k_ptr = K + b * skb + kvh * skh
     v_ptr = V + b * svb + kvh * svh
-    acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, lo, a, n_k,
-                                         k_start, window, qk_scale, BLOCK_N, True, SLIDING, PREC)
-    acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, a, c, n_k,
-                                         k_start, window, qk_scale, BLOCK_N, False, SLIDING, PREC)
-    acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, c, hi, n_k,
-                                         k_start, window, qk_scale, BLOCK_N, True, SLIDING, PREC)
+    if SPLIT_MASK:
+        acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, lo, a, n_k,
+                                             k_start, window, qk_scale, BLOCK_N, True, SLIDING, PREC)
+        acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, a, c, n_k,
+                                             k_start, window, qk_scale, BLOCK_N, False, SLIDING, PREC)
+        acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, c, hi, n_k,
+                                             k_start, window, qk_scale, BLOCK_N, True, SLIDING, PREC)
+    else:
+        acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, lo, hi, n_k,
+                                             k_start, window, qk_scale, BLOCK_N, True, SLIDING, PREC)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past the end with a −inf sink: nothing to divide
     out = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),

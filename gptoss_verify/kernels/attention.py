@@ -16,21 +16,24 @@ import functools
 import torch
 import triton
 
-from ._attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq
+from ._attention_bwd import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq
 from ._attention_fwd import _attn_decode, _attn_decode_merge, _attn_fwd
 
 LOG2E = 1.4426950408889634
 DECODE_MAX_ROWS = 128  # a group's queries (GROUP × Sq) up to this many rows take the packed decode kernel
 
-# (BLOCK_M, BLOCK_N, warps, stages) per kernel and regime on a GPU; the interpreter uses small tiles.
+# Launch parameters per kernel and regime on a GPU, from scripts/tune_attention.py on an H200
+# (reports/gpu-2026-12-02-h200/attention-tune.md); the interpreter uses small tiles.
 CONFIGS = {
-    "prefill": (128, 64, 8, 3),
-    "prefill_window": (128, 64, 8, 3),
-    "decode": (None, 64, 4, 3),  # BLOCK_M is the packed group's rows
-    "bwd_dq": (64, 64, 4, 2),
-    "bwd_dkdv": (64, 64, 4, 2),
+    "prefill": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, SPLIT_MASK=True),
+    "prefill_long": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, SPLIT_MASK=True),  # Sq > 8192
+    "prefill_window": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, SPLIT_MASK=False),
+    "decode": dict(BLOCK_N=64, num_warps=4, num_stages=3),  # BLOCK_M is the packed group's rows
+    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "bwd_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
 }
-INTERPRETER_TILE = 32
+INTERPRETER = {"prefill": dict(BLOCK_M=32, BLOCK_N=32, SPLIT_MASK=True), "decode": dict(BLOCK_N=32),
+               "bwd_dq": dict(BLOCK_M=32, BLOCK_N=32), "bwd_dkdv": dict(BLOCK_M=32, BLOCK_N=32)}
 DECODE_PROGRAMS_PER_SM = 2  # split the keys until about this many programs per multiprocessor
 
 
@@ -40,12 +43,12 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _config(kind: str, on_gpu: bool, overrides: dict | None = None) -> tuple:
+def _config(kind: str, on_gpu: bool, overrides: dict | None = None) -> dict:
     if overrides and kind in overrides:
-        return overrides[kind]
+        return dict(overrides[kind])
     if not on_gpu:
-        return (INTERPRETER_TILE, INTERPRETER_TILE, 4, 1)
-    return CONFIGS[kind]
+        return dict(INTERPRETER[kind.split("_")[0] if kind.startswith("prefill") else kind])
+    return dict(CONFIGS[kind])
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,12 +89,12 @@ def _strides(q, k, v, out):
 def _prefill(q, k, v, sinks, out, lse, *, window, q_start, k_start, overrides):
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
-    block_m, block_n, warps, stages = _config("prefill_window" if window else "prefill", q.is_cuda, overrides)
-    grid = (b * hq, triton.cdiv(sq, block_m))
+    kind = "prefill_window" if window else ("prefill_long" if sq > 8192 else "prefill")
+    cfg = _config(kind, q.is_cuda, overrides)
+    grid = (b * hq, triton.cdiv(sq, cfg["BLOCK_M"]))
     _attn_fwd[grid](q, k, v, sinks, out, lse, *_strides(q, k, v, out),
                     sq, sk, q_start, k_start, window or 0, d ** -0.5 * LOG2E,
-                    HQ=hq, GROUP=hq // hkv, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SLIDING=window is not None,
-                    PREC=_precision(q), num_warps=warps, num_stages=stages)
+                    HQ=hq, GROUP=hq // hkv, D=d, SLIDING=window is not None, PREC=_precision(q), **cfg)
 
 
 def decode_splits(batch_kv: int, keys: int, block_n: int, programs: int) -> tuple[int, int]:
@@ -108,7 +111,8 @@ def _decode(q, k, v, sinks, out, lse, *, window, q_start, k_start, overrides):
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
-    _, block_n, warps, stages = _config("decode", q.is_cuda, overrides)
+    cfg = _config("decode", q.is_cuda, overrides)
+    block_n = cfg["BLOCK_N"]
     block_m = max(16, triton.next_power_of_2(group * sq))
     keys_hi = max(min(q_start + sq - k_start, sk), 0)
     keys_lo = 0 if window is None else max(q_start - window + 1 - k_start, 0) // block_n * block_n
@@ -128,9 +132,8 @@ def _decode(q, k, v, sinks, out, lse, *, window, q_start, k_start, overrides):
     scale = d ** -0.5 * LOG2E
     _attn_decode[(n_splits, b * hkv)](q, k, v, sinks, out, lse, part_o, part_m, part_l, *_strides(q, k, v, out),
                                       sq, sk, q_start, k_start, window or 0, scale, keys_lo, keys_hi, chunk,
-                                      HKV=hkv, GROUP=group, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                                      SLIDING=window is not None, SINGLE=single, PREC=_precision(q),
-                                      num_warps=warps, num_stages=stages)
+                                      HKV=hkv, GROUP=group, D=d, BLOCK_M=block_m, SLIDING=window is not None,
+                                      SINGLE=single, PREC=_precision(q), **cfg)
     if not single:
         _attn_decode_merge[(b * hkv,)](sinks, out, lse, part_o, part_m, part_l, out.stride(0), out.stride(1),
                                        out.stride(2), sq, n_splits, HKV=hkv, GROUP=group, D=d, BLOCK_M=block_m,
@@ -142,19 +145,22 @@ def attention_backward(q, k, v, sinks, out, lse, d_out, *, window, q_start, k_st
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     q, k, v, d_out = (t.contiguous() for t in (q, k, v, d_out))  # the kernels take dO and dQ in q's strides
-    delta = (out.float() * d_out.float()).sum(-1).permute(0, 2, 1).contiguous()  # [B, Hq, Sq]
+    out = out.contiguous()
+    delta = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
+    _attn_bwd_delta[(b * hq, triton.cdiv(sq, 64))](out, d_out, delta, out.stride(0), out.stride(1), out.stride(2), sq,
+                                                   HQ=hq, D=d, BLOCK_M=64)
     p_sink = torch.exp(sinks.float()[None, :, None] - lse)
     d_sinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), sq, sk, q_start, k_start, window or 0, d ** -0.5)
     common = dict(GROUP=hq // hkv, D=d, SLIDING=window is not None, PREC=_precision(q))
-    bm, bn, warps, stages = _config("bwd_dq", q.is_cuda, overrides)
-    _attn_bwd_dq[(b * hq, triton.cdiv(sq, bm))](q, k, v, d_out, lse, delta, dq, *args, HQ=hq, BLOCK_M=bm,
-                                                 BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
-    bm, bn, warps, stages = _config("bwd_dkdv", q.is_cuda, overrides)
-    _attn_bwd_dkdv[(triton.cdiv(sk, bn), b * hkv)](q, k, v, d_out, lse, delta, dk, dv, *args, HKV=hkv, BLOCK_M=bm,
-                                                   BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+    cfg = _config("bwd_dq", q.is_cuda, overrides)
+    _attn_bwd_dq[(b * hq, triton.cdiv(sq, cfg["BLOCK_M"]))](q, k, v, d_out, lse, delta, dq, *args, HQ=hq, **common,
+                                                             **cfg)
+    cfg = _config("bwd_dkdv", q.is_cuda, overrides)
+    _attn_bwd_dkdv[(b * hkv, triton.cdiv(sk, cfg["BLOCK_N"]))](q, k, v, d_out, lse, delta, dk, dv, *args, HKV=hkv,
+                                                                **common, **cfg)
     return dq, dk, dv, d_sinks
 
 

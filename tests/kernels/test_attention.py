@@ -100,7 +100,8 @@ def test_decode_splits_merge_to_the_truth(shape, dtype, splits):
     truth_out, truth_lse = _truth_out_lse(tensors, shape)
     ref_err = (attention(*tensors, window=window, q_start=q_start, k_start=k_start).double() - truth_out).abs().max()
     q, k, v, sinks = tensors
-    out, lse = torch.empty_like(q), torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
     _decode(q, k, v, sinks, out, lse, window=window, q_start=q_start, k_start=k_start,
             overrides=None if splits is None else {"decode_splits": splits})
     prefill_out, prefill_lse = attention_forward(*tensors, window=window, q_start=q_start, k_start=k_start,
@@ -109,6 +110,20 @@ def test_decode_splits_merge_to_the_truth(shape, dtype, splits):
         err = (o.double() - truth_out).abs().max().item()
         assert err <= 2 * ref_err + FLOOR[dtype] * max(truth_out.abs().max().item(), 1.0)
         torch.testing.assert_close(l.double(), truth_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [s for s in SMALL if s[6] is not None])
+@pytest.mark.parametrize("split_mask", [False, True])
+def test_windowed_prefill_either_loop_shape(shape, split_mask):
+    """The windowed prefill kernel with one masked loop or with unmasked whole blocks in between."""
+    tensors, _ = _inputs(shape, torch.float32, 10.0)
+    *_, window, q_start, k_start = shape
+    truth_out, truth_lse = _truth_out_lse(tensors, shape)
+    tile = dict(BLOCK_M=32, BLOCK_N=32, SPLIT_MASK=split_mask)
+    out, lse = attention_forward(*tensors, window=window, q_start=q_start, k_start=k_start, path="prefill",
+                                 overrides={"prefill_window": tile})
+    torch.testing.assert_close(out.double(), truth_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), truth_lse, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("keys", [0, 1, 63, 64, 65, 1000, 131072])

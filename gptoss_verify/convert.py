@@ -135,9 +135,12 @@ def _checked(stream, counter: list[int], where: Path, values: bool = True) -> It
 
 
 def convert(src: str | Path, dst: str | Path, to: str, *, tp: int = 1, ep: int = 1, pp: int = 1,
-            pad_vocab: bool = False, dequantize: bool = False, src_layout: str | None = None,
+            pad_vocab: bool = False, dequantize: bool = False, mxfp4: bool = False, src_layout: str | None = None,
             progress: bool = False) -> ConvertResult:
-    """SRC (any layout, detected) -> DST in layout `to`. DST is written atomically."""
+    """SRC (any layout, detected) -> DST in layout `to`. DST is written atomically. `mxfp4`: write
+    the experts of an HF target as MXFP4 even from a dense source (Megatron), quantised with the
+    OCP rule: exact for values that came from an OCP-rule encoding, so HF (MXFP4) -> Megatron ->
+    HF with `mxfp4` gives the published layout back, byte for byte."""
     src, dst = Path(src), Path(dst)
     check_paths(src, dst)
     if to not in layouts.LAYOUTS:
@@ -150,15 +153,18 @@ def convert(src: str | Path, dst: str | Path, to: str, *, tp: int = 1, ep: int =
     if to == "openai" and dequantize:
         raise CheckpointError("--dequantize: the OpenAI layout holds experts only as MXFP4 (OpenAI's loader "
                               "decodes blocks/scales); dequantize to hf or megatron instead")
+    if mxfp4 and (dequantize or to not in layouts.MXFP4_CAPABLE):
+        raise CheckpointError(f"--mxfp4: needs an MXFP4 target (hf, openai) and no --dequantize, got --to {to}")
     target = layouts.module(to)
     holds = layouts.holds_mxfp4(src_layout, src)
     notes: list[str] = []
     options: dict = {"progress": progress}
     if to in layouts.MXFP4_CAPABLE:
-        options["mxfp4"] = (holds or to == "openai") and not dequantize
-        if to == "openai" and not holds and not dequantize:
-            notes.append("the source holds dense experts: the OpenAI layout stores MXFP4, so the expert "
-                         "weights were quantised with the OCP MX rule (lossy; use --dequantize for bf16)")
+        options["mxfp4"] = (holds or to == "openai" or mxfp4) and not dequantize
+        if (to == "openai" or mxfp4) and not holds and not dequantize:
+            notes.append(f"the source holds dense experts: the {to} output stores MXFP4, so the expert "
+                         "weights were quantised with the OCP MX rule (lossy unless they came from it; "
+                         "use --dequantize for bf16)")
         if holds and dequantize:
             notes.append("MXFP4 experts were decoded to dense weights (exact)")
     else:

@@ -21,11 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, choices=sorted(LAYOUTS))
     add_parallel_arguments(p)
     p.add_argument("--dequantize", action="store_true", help="write MXFP4 experts as their decoded dense values")
+    p.add_argument("--mxfp4", action="store_true",
+                   help="hf target: store the experts as MXFP4 even from a dense source (OCP rule; exact for "
+                        "values that came from MXFP4, e.g. Megatron back to the published HF layout)")
 
 
 def run(args: argparse.Namespace) -> int:
     r = convert(args.src, args.dst, args.to, tp=args.tp, ep=args.ep, pp=args.pp, pad_vocab=args.pad_vocab,
-                dequantize=args.dequantize, progress=True)
+                dequantize=args.dequantize, mxfp4=args.mxfp4, progress=True)
     print(f"{r.src} ({r.src_layout}) -> {r.dst} ({r.dst_layout}): {r.tensors} tensors, "
           f"{r.bytes_read / 1e9:.3f} GB in {r.seconds:.2f} s ({r.gb_per_s:.2f} GB/s), "
           f"peak RSS {r.peak_rss_bytes / 2**20:.0f} MiB")

@@ -40,6 +40,7 @@ from .errors import CheckpointError
 from .megatron_source import Source, open_source
 from .megatron_torchfile import StoredTensor, StreamingTorchFile, index
 from .safetensors_io import atomic_directory, write_json
+from .tensor_ops import transpose_copy
 
 NAME = "megatron"
 SIDECAR = "gptoss_verify_megatron.json"
@@ -175,15 +176,15 @@ def rank_plan(spec: ModelSpec, lay: Layout, t: int, s: int, p: int) -> dict[str,
         plan[mg + "mlp.router.bias"] = ((spec.num_experts,), whole(hf + "mlp.router.bias"))
         for k, e in enumerate(lay.experts_of(spec, p)):
             def fc1_w(src: Source, e=e, hf=hf) -> torch.Tensor:
-                gu = src.rows(hf + "mlp.experts.gate_up_proj", e, e + 1)[0]  # [H, 2I], gate/up interleaved
-                return torch.cat([gu[:, 0::2].t(), gu[:, 1::2].t()]).contiguous()
+                gu = src.expert_t(hf + "mlp.experts.gate_up_proj", e)  # [2I, H], gate/up rows interleaved
+                return torch.cat([gu[0::2], gu[1::2]])
 
             def fc1_b(src: Source, e=e, hf=hf) -> torch.Tensor:
                 b = src.rows(hf + "mlp.experts.gate_up_proj_bias", e, e + 1)[0]
                 return torch.cat([b[0::2], b[1::2]])
 
             def fc2_w(src: Source, e=e, hf=hf) -> torch.Tensor:
-                return src.rows(hf + "mlp.experts.down_proj", e, e + 1)[0].t().contiguous()  # [I,H] -> [H,I]
+                return src.expert_t(hf + "mlp.experts.down_proj", e)  # down_proj[e] [I,H] -> [H,I]
 
             ex = mg + "mlp.experts."
             plan[ex + f"linear_fc1.weight{k}"] = ((2 * inter, h), fc1_w)
@@ -651,20 +652,20 @@ def _experts(what: str, prefix: str, s: int, spec: ModelSpec, lay: Layout, g: _G
     e_all, h, inter = spec.num_experts, spec.hidden_size, spec.intermediate_size
     shapes = {"gate_up_proj": (e_all, h, 2 * inter), "gate_up_proj_bias": (e_all, 2 * inter),
               "down_proj": (e_all, inter, h), "down_proj_bias": (e_all, h)}
-    out = torch.empty(shapes[what], dtype=dtype)
+    # the weights are assembled [E, out, in] (rows as Megatron stores them: contiguous row copies,
+    # where writing columns of [E, in, out] directly is a slow strided scatter), then transposed
+    # band by band (tensor_ops) into the HF module's contiguous [E, in, out]
+    transposed = what in ("gate_up_proj", "down_proj")
+    shape = shapes[what]
+    out = torch.empty((shape[0], shape[2], shape[1]) if transposed else shape, dtype=dtype)
     stored = {"gate_up_proj": "linear_fc1.weight", "gate_up_proj_bias": "linear_fc1.bias",
               "down_proj": "linear_fc2.weight", "down_proj_bias": "linear_fc2.bias"}[what]
     for p in range(lay.ep):
         for k, e in enumerate(lay.experts_of(spec, p)):
             t = g.copies(prefix + f"{stored}{k}", [(tt, s, p) for tt in range(lay.tp)])
-            if what == "gate_up_proj":
-                out[e, :, 0::2] = t[:inter].t()
-                out[e, :, 1::2] = t[inter:].t()
-            elif what == "gate_up_proj_bias":
+            if what in ("gate_up_proj", "gate_up_proj_bias"):  # [gate; up] halves -> interleaved rows
                 out[e, 0::2] = t[:inter]
                 out[e, 1::2] = t[inter:]
-            elif what == "down_proj":
-                out[e] = t.t()
             else:
                 out[e] = t
-    return out
+    return transpose_copy(out) if transposed else out

@@ -24,6 +24,7 @@ import torch
 
 from . import canonical, mxfp4
 from .errors import CheckpointError
+from .tensor_ops import contiguous, transpose_copy
 
 
 class Source:
@@ -34,6 +35,11 @@ class Source:
 
     def full(self, name: str) -> torch.Tensor:
         return self.rows(name, 0, self.shape(name)[0])
+
+    def expert_t(self, name: str, e: int) -> torch.Tensor:
+        """Expert e of a dense expert weight, transposed to [out, in] (contiguous): what Megatron
+        stores. MXFP4 sources decode straight into it, with no transpose there and back."""
+        return transpose_copy(self.rows(name, e, e + 1)[0])
 
     def shape(self, name: str) -> tuple[int, ...]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -66,6 +72,10 @@ class MappingSource(Source):
         out = t.rows(start, stop) if isinstance(t, _Lazy) else t[start:stop]
         return out.to(self.dtype) if out.is_floating_point() and out.dtype != self.dtype else out
 
+    def expert_t(self, name: str, e: int) -> torch.Tensor:
+        t = self._get(name)
+        return t.expert_t(e) if isinstance(t, _Lazy) else super().expert_t(name, e)
+
 
 class _Lazy:
     """Dense view of MXFP4 expert pairs, decoded expert by expert when sliced."""
@@ -78,6 +88,12 @@ class _Lazy:
     def rows(self, start: int, stop: int) -> torch.Tensor:
         try:
             return mxfp4.to_hf_dense(self.blocks[start:stop], self.scales[start:stop], self.dtype)
+        except mxfp4.MXFP4Error as err:
+            raise CheckpointError(f"source: {self.name}: {err}") from None
+
+    def expert_t(self, e: int) -> torch.Tensor:
+        try:
+            return mxfp4.decode(self.blocks[e], self.scales[e], self.dtype)
         except mxfp4.MXFP4Error as err:
             raise CheckpointError(f"source: {self.name}: {err}") from None
 
@@ -96,7 +112,7 @@ class SpoolSource(Source):
                 for name, tensor in stream:
                     if name in self.index:
                         raise CheckpointError(f"source: tensor {name} appears twice")
-                    t = tensor.detach().to("cpu").contiguous()
+                    t = contiguous(tensor.detach().to("cpu"))
                     if self.dtype is None and t.is_floating_point():
                         self.dtype = t.dtype
                     data = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
@@ -148,6 +164,17 @@ class SpoolSource(Source):
             except mxfp4.MXFP4Error as err:
                 raise CheckpointError(f"source: {name}: {err}") from None
         raise CheckpointError(f"source: missing tensor {name}")
+
+    def expert_t(self, name: str, e: int) -> torch.Tensor:
+        if name not in self.index and canonical.is_expert_weight(name) and name + "_blocks" in self.index:
+            if name + "_scales" not in self.index:
+                raise CheckpointError(f"source: {name}_blocks came without {name}_scales")
+            try:
+                return mxfp4.decode(self._read(name + "_blocks", e, e + 1)[0],
+                                    self._read(name + "_scales", e, e + 1)[0], self.dtype)
+            except mxfp4.MXFP4Error as err:
+                raise CheckpointError(f"source: {name}: {err}") from None
+        return super().expert_t(name, e)
 
     def names(self) -> list[str]:
         return list(self.index)

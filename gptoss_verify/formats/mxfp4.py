@@ -167,7 +167,7 @@ def _encode_bf16(chunk: torch.Tensor, blocks_out: np.ndarray, scales_out: np.nda
     key = mag - (exp << 7)[..., None]  # the bits of m = |x|·2^-exp (normal m; else tiny, code 0)
     np.clip(key, 0, _BF16_EIGHT - 1, out=key)
     code = _bf16_code_table().take(key)
-    code |= (bits.view(np.uint16) > 0x8000).view(np.uint8) << 3  # x < 0 (not -0.0, no NaN here)
+    code |= (bits.view(np.uint16) >> 15).astype(np.uint8) << 3  # the sign bit, as for -0.0
     blocks_out[...] = _pack(code)
     scales_out[...] = (exp + SCALE_BIAS).astype(np.uint8)
     return True
@@ -184,7 +184,7 @@ def _encode_float(chunk: torch.Tensor, blocks_out: np.ndarray, scales_out: np.nd
     exp = torch.where(amax > 0, e - 1 - E2M1_EMAX, torch.zeros_like(e)).clamp(-SCALE_BIAS, SCALE_BIAS)
     m /= torch.ldexp(torch.ones_like(amax), exp)[..., None]  # exact (a power of two)
     code = _code_of_magnitude(m)
-    code |= (xf < 0).to(torch.uint8) << 3
+    code |= torch.signbit(xf).to(torch.uint8) << 3
     blocks_out[...] = _pack(code.numpy())
     scales_out[...] = (exp + SCALE_BIAS).to(torch.uint8).numpy()
 
@@ -199,8 +199,9 @@ def _row_chunks(x: torch.Tensor, rows: int):
         for i in range(x.shape[0]):
             yield from _row_chunks(x[i], rows)
         return
+    banded = not flat.is_contiguous() and flat.t().is_contiguous()  # an expert given as [in, out]
     for r in range(0, flat.shape[0], rows):
-        yield flat[r:r + rows].contiguous()
+        yield transpose_copy(flat[r:r + rows].t()) if banded else flat[r:r + rows].contiguous()
 
 
 def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +209,9 @@ def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     OCP MX rule: shared exponent = floor(log2(max|x|)) − 2, so the block's largest element lands in
     [4, 8) and elements are rounded to the nearest e2m1 value (ties to the even code), saturating at
-    ±6. An all-zero block gets scale 127. Values already on the grid of their block decode exactly.
+    ±6. The sign bit is copied (−0.0 and small negatives give −0, code 8), so decode -> encode gives
+    back the same bytes. An all-zero block gets scale 127. Values on the grid of their block
+    decode exactly.
     Inputs wider than float32 are rounded to float32 first.
     """
     if x.shape[-1] % BLOCK:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .tensor_ops import contiguous
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size "5GB"
@@ -209,6 +210,8 @@ class SafetensorsDir:
 def count_nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
     """NaN/Inf elements of a float tensor, in chunks: `isfinite` of a whole 20B embedding would
     allocate several times the tensor in temporaries."""
+    if not t.is_contiguous() and t.dim() >= 2 and t.transpose(-1, -2).is_contiguous():
+        t = t.transpose(-1, -2)  # the same elements; reshape(-1) of the view would copy them all
     flat = t.reshape(-1)
     bad = 0
     for i in range(0, flat.numel(), chunk):
@@ -291,7 +294,7 @@ class PlannedWriter:
                                   f"got {tensor.dtype} {list(tensor.shape)}")
         f = self.files[file_no]
         if tensor.numel():
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            data = contiguous(tensor.detach().to("cpu")).reshape(-1).view(torch.uint8)
             f.seek(pos)
             f.write(memoryview(data.numpy()))
         self.written.add(name)

@@ -5,7 +5,7 @@ mistake in the tables or in the bf16 bit-pattern path of `formats.mxfp4` cannot 
 Decoding: every byte value (both nibbles) under every E8M0 scale 0..254, to bf16 and float32.
 Scale 255 is E8M0's NaN (readers refuse it); it decodes as the literal float32 formula always did.
 Encoding: random data over a wide range of magnitudes, exact ties at every midpoint, saturation,
-zero and negative-zero blocks, blocks reaching bf16 subnormals (the bit path's fallback), float32
+zero and negative-zero blocks (the sign bit is copied, so -0.0 is e2m1's -0), blocks reaching bf16 subnormals (the bit path's fallback), float32
 just below a power of two (where log2 rounds up), transposed input, NaN/Inf refused.
 """
 from __future__ import annotations
@@ -47,9 +47,9 @@ def slow_code(m: float) -> int:
 def slow_encode_block(values: list[float]) -> tuple[list[int], int]:
     amax = max(abs(v) for v in values)
     if amax == 0:
-        return [0] * len(values), 127
+        return [8 if math.copysign(1.0, v) < 0 else 0 for v in values], 127
     exp = max(-127, min(127, math.frexp(amax)[1] - 1 - 2))  # floor(log2(amax)) - 2
-    codes = [slow_code(abs(v) / 2.0 ** exp) + (8 if v < 0 else 0) for v in values]
+    codes = [slow_code(abs(v) / 2.0 ** exp) + (8 if math.copysign(1.0, v) < 0 else 0) for v in values]
     return codes, exp + 127
 
 
@@ -202,8 +202,22 @@ def test_values_on_the_grid_survive_a_round_trip():
     blocks = torch.randint(0, 256, (4, 7, 16), generator=gen, dtype=torch.int32).to(torch.uint8)
     scales = torch.randint(100, 150, (4, 7), generator=gen, dtype=torch.int32).to(torch.uint8)
     dense = mxfp4.decode(blocks, scales)
-    # -0.0 (nibble 8) is not below zero, so it comes back as +0.0; every other value exactly
-    assert torch.equal(bits(mxfp4.decode(*mxfp4.encode(dense))), bits(dense + 0.0))
+    assert torch.equal(bits(mxfp4.decode(*mxfp4.encode(dense))), bits(dense))  # -0.0 included
+
+
+def test_decode_encode_is_a_fixed_point_on_encoder_output():
+    """Bytes the encoder wrote come back unchanged through the dense values (what a round trip
+    through Megatron, which holds no MXFP4, relies on), -0 nibbles included."""
+    gen = torch.Generator().manual_seed(9)
+    for dtype in (torch.bfloat16, torch.float32):
+        # magnitudes 2^-100 .. 2^100: no block underflows to all zeros (scale 127 on the way back)
+        x = (torch.randn(8, 8, 32, generator=gen, dtype=torch.float64)
+             * torch.exp2(torch.randint(-100, 101, (8, 8, 1), generator=gen).double())).reshape(8, 256).to(dtype)
+        x[0, :32] = -0.0
+        blocks, scales = mxfp4.encode(x)
+        assert bool((blocks & 0x0F == 8).any())
+        again = mxfp4.encode(mxfp4.decode(blocks, scales, dtype))
+        assert torch.equal(again[0], blocks) and torch.equal(again[1], scales)
 
 
 def test_banded_transpose_copies_exactly(monkeypatch):

@@ -134,6 +134,16 @@ def _checked(stream, counter: list[int], where: Path, values: bool = True) -> It
         yield name, t
 
 
+def _in_place(src: Path, counter: list[int]):
+    """An HF checkpoint as a random-access Megatron source; `counter` gets its tensors and bytes."""
+    from .formats.megatron_source import SafetensorsSource
+    from .formats.safetensors_io import SafetensorsDir
+    files = SafetensorsDir(src)
+    counter[0] = len(files.tensors)
+    counter[1] = sum(t.nbytes for t in files.tensors.values())
+    return SafetensorsSource(files)
+
+
 def convert(src: str | Path, dst: str | Path, to: str, *, tp: int = 1, ep: int = 1, pp: int = 1,
             pad_vocab: bool = False, dequantize: bool = False, mxfp4: bool = False, src_layout: str | None = None,
             progress: bool = False) -> ConvertResult:
@@ -174,9 +184,15 @@ def convert(src: str | Path, dst: str | Path, to: str, *, tp: int = 1, ep: int =
     counter = [0, 0]
     start = time.perf_counter()
     with PeakRSS() as mem:
-        spec, stream = source.read(src)
-        target.write(_checked(stream, counter, src, values=src_layout not in layouts.MXFP4_CAPABLE),
-                     spec, dst, **options)
+        spec, stream = source.read(src)  # validates every header against the config
+        if src_layout == "hf" and to == "megatron":
+            # the Megatron writer reads slices many times in its own order: straight from the
+            # safetensors files (checked slice by slice) instead of a spooled copy of the stream
+            stream.close()
+            stream = _in_place(src, counter)
+        else:
+            stream = _checked(stream, counter, src, values=src_layout not in layouts.MXFP4_CAPABLE)
+        target.write(stream, spec, dst, **options)
     return ConvertResult(str(src), str(dst), src_layout, to, counter[0], counter[1],
                          time.perf_counter() - start, mem.peak_bytes, notes)
 

@@ -234,7 +234,7 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
     lay.check(spec)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        bar = tqdm(desc=f"read {out_dir.name}", unit="tensor", disable=not progress, leave=False)
+        bar = tqdm(desc=f"read {out_dir.name}", unit="tensor", disable=None if progress else True, leave=False)
         src = open_source(stream, out_dir.parent, bar)
         bar.close()
         try:
@@ -244,7 +244,7 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
             plans = {r: rank_plan(spec, lay, *r) for r in lay.ranks()}
             total = sum(len(pl) for pl in plans.values())
             with tqdm(total=total, desc=f"write megatron {out_dir.name}", unit="tensor",
-                      disable=not progress, leave=False) as bar:
+                      disable=None if progress else True, leave=False) as bar:
                 for (t, s, p), plan in plans.items():
                     rd = iter_dir / lay.rank_dir(t, s, p)
                     rd.mkdir(parents=True)

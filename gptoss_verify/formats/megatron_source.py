@@ -187,6 +187,54 @@ class SpoolSource(Source):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class SafetensorsSource(SpoolSource):
+    """An HF checkpoint sliced in place: rows read with pread straight from its safetensors files,
+    so HF -> Megatron neither spools the checkpoint to scratch nor holds a whole tensor it only
+    needs a slice of. Every slice is checked as `SafetensorsDir.get_finite` checks tensors (NaN/Inf,
+    E8M0 scale 255), naming the file and tensor. `files` is a validated `SafetensorsDir`."""
+
+    def __init__(self, files):  # noqa: super().__init__ spools; here the files are the spool
+        self.files = files
+        self.infos = files.tensors
+        self.index = {name: (info.offset, info.shape, info.dtype) for name, info in self.infos.items()}
+        embed = self.infos.get("model.embed_tokens.weight")
+        self.dtype = embed.dtype if embed is not None else torch.bfloat16
+        self._fds: dict[Path, int] = {}
+
+    def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from .safetensors_io import count_nonfinite
+        info = self.infos[name]
+        row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        n = (stop - start) * row
+        buf = torch.empty(n, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [view[got:]], info.offset + start * row + got)
+            if k <= 0:
+                raise CheckpointError(f"{info.file}: truncated: tensor {name}")
+            got += k
+        t = buf.view(info.dtype).reshape(stop - start, *info.shape[1:])
+        if t.is_floating_point():
+            bad = count_nonfinite(t)
+            if bad:
+                raise CheckpointError(f"{info.file}: tensor {name}: expected finite values, got {bad} NaN/Inf")
+        elif t.dtype == torch.uint8 and name.endswith("_scales") and bool((t == 255).any()):
+            raise CheckpointError(f"{info.file}: tensor {name}: expected E8M0 scales < 255, got 255 (NaN)")
+        return t
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+
 def open_source(source, scratch_dir: Path, progress=None) -> Source:
     if isinstance(source, Source):
         return source

@@ -207,15 +207,26 @@ class SafetensorsDir:
         return out
 
 
+# float dtype -> (same-size integer dtype, magnitude mask, bits of +Inf): |x| bits >= Inf's are NaN/Inf
+_NONFINITE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80), torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+                   torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000)}
+
+
 def count_nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
     """NaN/Inf elements of a float tensor, in chunks: `isfinite` of a whole 20B embedding would
-    allocate several times the tensor in temporaries."""
+    allocate several times the tensor in temporaries. The common case (none) is decided on the
+    integer bit patterns, a masked max, several times faster than `isfinite` on bf16."""
     if not t.is_contiguous() and t.dim() >= 2 and t.transpose(-1, -2).is_contiguous():
         t = t.transpose(-1, -2)  # the same elements; reshape(-1) of the view would copy them all
     flat = t.reshape(-1)
     bad = 0
+    bits = _NONFINITE_BITS.get(flat.dtype)
     for i in range(0, flat.numel(), chunk):
         part = flat[i:i + chunk]
+        if bits is not None and part.is_contiguous():
+            int_dtype, mask, inf = bits
+            if int((part.view(int_dtype) & mask).amax()) < inf:
+                continue
         if not bool(torch.isfinite(part).all()):
             bad += int((~torch.isfinite(part)).sum())
     return bad

@@ -51,9 +51,14 @@ def _config(kind: str, on_gpu: bool, overrides: dict | None = None) -> dict:
     return dict(CONFIGS[kind])
 
 
+def _multiprocessors(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessor_count(index)
+
+
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _multiprocessor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _check_shapes(q, k, v):
@@ -117,7 +122,7 @@ def _decode(q, k, v, sinks, out, lse, *, window, q_start, k_start, overrides):
     keys_hi = max(min(q_start + sq - k_start, sk), 0)
     keys_lo = 0 if window is None else max(q_start - window + 1 - k_start, 0) // block_n * block_n
     keys_lo = min(keys_lo, keys_hi)
-    programs = DECODE_PROGRAMS_PER_SM * (_multiprocessors(q.device.index or 0) if q.is_cuda else 2)
+    programs = DECODE_PROGRAMS_PER_SM * (_multiprocessors(q.device) if q.is_cuda else 2)
     n_splits, chunk = decode_splits(b * hkv, keys_hi - keys_lo, block_n, programs)
     if overrides and "decode_splits" in overrides:
         n_splits = overrides["decode_splits"]

@@ -38,7 +38,7 @@ from ..weights import canonical_names
 from .canonical import Stream, TensorTable
 from .errors import CheckpointError
 from .megatron_source import Source, open_source
-from .megatron_torchfile import StoredTensor, StreamingTorchFile, index
+from .megatron_torchfile import StoredTensor, StreamingTorchFile, _contiguous, index
 from .safetensors_io import atomic_directory, write_json
 from .tensor_ops import transpose_copy
 
@@ -556,14 +556,34 @@ class _Gather:
         for key in keys:
             if key not in self.ck.files:
                 continue
-            t = self.ck.model(key)[name].load()
+            stored = self.ck.model(key)[name]
             if first is None:
-                first, first_key = t, key
-            elif not _bit_equal(first, t):
+                first, first_key = stored.load(), key
+            elif not _bit_equal_stored(first, stored):
                 raise CheckpointError(
                     f"{self.ck.files[key]}: tensor {name} differs from its copy in {self.ck.files[first_key]} "
                     "(replicated tensors must be bit-equal on every rank)")
         return first
+
+
+def _bit_equal_stored(a: torch.Tensor, stored: StoredTensor, chunk: int = 1 << 26) -> bool:
+    """`a` equals a tensor still on disk, byte for byte, read in 64 MB pieces: a replicated copy
+    (the vocabulary shard of every expert-parallel rank) is never held whole beside the first."""
+    if tuple(a.shape) != tuple(stored.shape) or a.dtype != stored.dtype:
+        return False
+    if not _contiguous(stored.shape, stored.stride) or stored.nbytes != a.numel() * a.element_size():
+        return _bit_equal(a, stored.load())
+    mine = a.contiguous().reshape(-1).view(torch.uint8)
+    buf = torch.empty(min(chunk, stored.nbytes), dtype=torch.uint8)
+    with open(stored.path, "rb") as f:
+        f.seek(stored.offset)
+        for start in range(0, stored.nbytes, chunk):
+            n = min(chunk, stored.nbytes - start)
+            if f.readinto(memoryview(buf.numpy())[:n]) != n:
+                raise CheckpointError(f"{stored.path}: truncated (a tensor's data ends past the end of the file)")
+            if not torch.equal(buf[:n], mine[start:start + n]):
+                return False
+    return True
 
 
 def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -600,6 +620,7 @@ def _stream(ck: Checkpoint, dtype: torch.dtype) -> Iterator[tuple[str, torch.Ten
                 file = ck.files[next(k for k in sorted(ck.files) if k[0] == t and k[1] == s)]
                 raise CheckpointError(f"{file}: tensor {name}: vocabulary padding row {row} (of {rows * T}, real "
                                       f"vocabulary {spec.vocab_size}) is not zero")
+            del shard, pad  # not held while the next shard is read
         return out
 
     qkv_cache: dict[str, torch.Tensor] = {}
@@ -652,20 +673,24 @@ def _experts(what: str, prefix: str, s: int, spec: ModelSpec, lay: Layout, g: _G
     e_all, h, inter = spec.num_experts, spec.hidden_size, spec.intermediate_size
     shapes = {"gate_up_proj": (e_all, h, 2 * inter), "gate_up_proj_bias": (e_all, 2 * inter),
               "down_proj": (e_all, inter, h), "down_proj_bias": (e_all, h)}
-    # the weights are assembled [E, out, in] (rows as Megatron stores them: contiguous row copies,
-    # where writing columns of [E, in, out] directly is a slow strided scatter), then transposed
-    # band by band (tensor_ops) into the HF module's contiguous [E, in, out]
-    transposed = what in ("gate_up_proj", "down_proj")
-    shape = shapes[what]
-    out = torch.empty((shape[0], shape[2], shape[1]) if transposed else shape, dtype=dtype)
+    out = torch.empty(shapes[what], dtype=dtype)
     stored = {"gate_up_proj": "linear_fc1.weight", "gate_up_proj_bias": "linear_fc1.bias",
               "down_proj": "linear_fc2.weight", "down_proj_bias": "linear_fc2.bias"}[what]
     for p in range(lay.ep):
         for k, e in enumerate(lay.experts_of(spec, p)):
             t = g.copies(prefix + f"{stored}{k}", [(tt, s, p) for tt in range(lay.tp)])
-            if what in ("gate_up_proj", "gate_up_proj_bias"):  # [gate; up] halves -> interleaved rows
+            if what == "gate_up_proj":
+                # [gate; up] halves -> interleaved rows of [2I, H] (row copies), then one banded
+                # transpose into [H, 2I]: writing columns of `out` directly is a slow strided scatter
+                rows = torch.empty_like(t)
+                rows[0::2] = t[:inter]
+                rows[1::2] = t[inter:]
+                transpose_copy(rows, out=out[e])
+            elif what == "gate_up_proj_bias":
                 out[e, 0::2] = t[:inter]
                 out[e, 1::2] = t[inter:]
+            elif what == "down_proj":
+                transpose_copy(t, out=out[e])  # linear_fc2 [H, I] -> down_proj[e] [I, H]
             else:
                 out[e] = t
-    return transpose_copy(out) if transposed else out
+    return out

@@ -25,6 +25,10 @@ PREFILL = tiles(((128, 64, 8), (128, 128, 8), (128, 64, 4), (64, 64, 4), (64, 12
                 SPLIT_MASK=True) + tiles(((128, 64, 4), (128, 128, 4), (64, 64, 4)), (4,), SPLIT_MASK=True)
 WINDOW = tiles(((64, 64, 4), (64, 32, 4), (32, 64, 4), (128, 64, 4), (32, 32, 4)), (1, 2, 3), SPLIT_MASK=False) + \
     tiles(((64, 64, 4), (64, 32, 4), (32, 64, 4)), (1, 2), SPLIT_MASK=True)
+# --wide: a second, wider sweep of the two regimes short of their targets
+WIDE_LONG = tiles(((128, 64, 4), (128, 64, 8), (128, 128, 8), (128, 32, 4)), (2, 3, 4, 5), SPLIT_MASK=True)
+WIDE_WINDOW = tiles(((64, 64, 2), (64, 64, 4), (32, 64, 2), (64, 32, 2), (32, 32, 2), (64, 128, 4), (128, 128, 8)),
+                    (1, 2, 3, 4), SPLIT_MASK=False)
 BACKWARD = tiles(((64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 128, 8), (64, 64, 8)), (1, 2, 3))
 DECODE = [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
 
@@ -66,8 +70,17 @@ def causal_flops(sq, window=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
+    parser.add_argument("--wide", action="store_true", help="only the wider sweep of long prefill and the window")
     args = parser.parse_args()
     tables = []
+    if args.wide:
+        for sq, window, kind, configs in ((16384, None, "prefill_long", WIDE_LONG),
+                                          (65536, 128, "prefill_window", WIDE_WINDOW)):
+            q, k, v, s = inputs(1, sq, sq)
+            fn = lambda cfg: (lambda: attention_forward(q, k, v, s, window=window, path="prefill",  # noqa: E731
+                                                        overrides={kind: cfg}))
+            tables.append(sweep(f"{kind}, S={sq}, window={window}", configs, fn, causal_flops(sq, window)))
+        return report(tables, args.out)
     for sq, window, kind, configs in ((4096, None, "prefill", PREFILL), (16384, None, "prefill_long", PREFILL),
                                       (65536, 128, "prefill_window", WINDOW)):
         q, k, v, s = inputs(1, sq, sq)
@@ -97,12 +110,16 @@ def main():
             rows.append((n, ms, gbs))
         tables.append(f"### decode B={b} KV={sk}, splits\n\n"
                       + tabulate(rows, headers=["splits", "ms", "K/V GB/s"], tablefmt="github"))
+    report(tables, args.out)
+
+
+def report(tables, out):
     head = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {torch.cuda.get_device_name()}, "
             f"torch {torch.__version__}, triton {triton.__version__}; bf16, {HQ} q / {HKV} kv heads, head_dim {D}")
     text = head + "\n\n" + "\n\n".join(tables)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
 
 

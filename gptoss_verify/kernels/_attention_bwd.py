@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_masks import _split_key_range, _split_query_range, _visible
+from ._attention_masks import _query_block, _split_key_range, _split_query_range, _visible
 
 
 @triton.jit
@@ -51,12 +51,9 @@ def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ,
                  HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, PREC: tl.constexpr):
     """dQ_i = scale · Σ_j P_ij (dO_i·V_j − δ_i) K_j over the keys query i sees (δ_i = O_i·dO_i)."""
-    bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    kvh = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, kvh, first_row = _query_block(HQ, GROUP, BLOCK_M)
+    offs_m = first_row + tl.arange(0, BLOCK_M)
+    bh = b * HQ + h
     offs_d = tl.arange(0, D)
     row_mask = offs_m[:, None] < n_q
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=row_mask, other=0.0)
@@ -65,7 +62,7 @@ def _attn_bwd_dq(Q, K, V, DO, L, DELTA, DQ,
     delta = tl.load(DELTA + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
     q_pos = q_start + offs_m
     qk_scale = scale * 1.4426950408889634
-    first_q = q_start + pid_m * BLOCK_M
+    first_q = q_start + first_row
     last_q = tl.minimum(first_q + BLOCK_M - 1, q_start + n_q - 1)
     lo, a, c, hi = _split_key_range(first_q, last_q, n_k, k_start, window, BLOCK_N, SLIDING)
     k_ptr = K + b * skb + kvh * skh

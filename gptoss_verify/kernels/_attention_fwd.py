@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_masks import _split_key_range, _visible
+from ._attention_masks import _group_rows, _query_block, _split_key_range, _visible
 
 
 @triton.jit
@@ -56,12 +56,8 @@ def _attn_fwd(Q, K, V, S, O, L,
     """Prefill: grid (B·Hq, query blocks); the last query blocks (most keys) are issued first.
     SPLIT_MASK: whole visible key blocks run a loop without the mask (pays on long rows); without
     it one masked loop covers all keys (pays on a narrow window: one pipelined loop, not three)."""
-    bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    kvh = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, kvh, first_row = _query_block(HQ, GROUP, BLOCK_M)
+    offs_m = first_row + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=offs_m[:, None] < n_q,
                 other=0.0)
@@ -70,7 +66,7 @@ def _attn_fwd(Q, K, V, S, O, L,
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.where(sink == float("-inf"), 0.0, 1.0)  # exp2(sink − m)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    first_q = q_start + pid_m * BLOCK_M
+    first_q = q_start + first_row
     last_q = tl.minimum(first_q + BLOCK_M - 1, q_start + n_q - 1)
     lo, a, c, hi = _split_key_range(first_q, last_q, n_k, k_start, window, BLOCK_N, SLIDING)
     k_ptr = K + b * skb + kvh * skh
@@ -89,7 +85,7 @@ def _attn_fwd(Q, K, V, S, O, L,
     out = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=offs_m[:, None] < n_q)
-    tl.store(L + bh * n_q + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < n_q)
+    tl.store(L + (b * HQ + h) * n_q + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < n_q)
 
 
 @triton.jit
@@ -104,13 +100,8 @@ def _attn_decode(Q, K, V, S, O, L, PO, PM, PL,
     SINGLE (one split): normalise with the sink and store the output. Otherwise store the split's
     unnormalised accumulator, running max (base 2) and denominator for `_attn_decode_merge`."""
     split = tl.program_id(0)
-    bkv = tl.program_id(1)
-    b = bkv // HKV
+    bkv, b, rows, row_ok, i, h = _group_rows(n_q, HKV, GROUP, BLOCK_M, 1)
     kvh = bkv % HKV
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < GROUP * n_q
-    i = rows % n_q
-    h = kvh * GROUP + rows // n_q
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q_pos = q_start + i
@@ -145,13 +136,7 @@ def _attn_decode_merge(S, O, L, PO, PM, PL, sob, sos, soh, n_q, n_splits,
                        HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
     """Combine the splits of one (sequence, kv head): m = max(sink, m_s), l = e^(sink−m) + Σ e^(m_s−m)·l_s,
     out = Σ e^(m_s−m)·acc_s / l (base 2 throughout)."""
-    bkv = tl.program_id(0)
-    b = bkv // HKV
-    kvh = bkv % HKV
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < GROUP * n_q
-    i = rows % n_q
-    h = kvh * GROUP + rows // n_q
+    bkv, b, rows, row_ok, i, h = _group_rows(n_q, HKV, GROUP, BLOCK_M, 0)
     offs_d = tl.arange(0, D)
     sink = tl.load(S + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
     m = sink

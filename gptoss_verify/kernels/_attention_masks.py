@@ -8,6 +8,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _query_block(HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(b, h, kv head, first query row) of a program on grid (B·Hq, query blocks), the last query
+    block (the one with the most keys) issued first."""
+    bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    h = bh % HQ
+    return bh // HQ, h, h // GROUP, pid_m * BLOCK_M
+
+
+@triton.jit
+def _group_rows(n_q, HKV: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, AXIS: tl.constexpr):
+    """A kv head's query group packed in one tile (decode): program_id(AXIS) is b·Hkv + kv head;
+    row r is query r % n_q of head kvh·GROUP + r // n_q. Returns (bkv, b, rows, row_ok, i, h)."""
+    bkv = tl.program_id(AXIS)
+    rows = tl.arange(0, BLOCK_M)
+    return bkv, bkv // HKV, rows, rows < GROUP * n_q, rows % n_q, (bkv % HKV) * GROUP + rows // n_q
+
+
+@triton.jit
 def _key_range(first_q, last_q, n_k, k_start, window, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
     """[lo, hi): the keys some query in [first_q, last_q] sees; lo rounded down to a key block."""
     hi = tl.minimum(last_q - k_start + 1, n_k)

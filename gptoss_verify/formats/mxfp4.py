@@ -81,19 +81,33 @@ def _powers_of_two(dtype: torch.dtype) -> torch.Tensor:
 
 def _decode_formula(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The definition, literally: table values, ldexp in float32, one rounding to `dtype`."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
     b = blocks.to(torch.int64)
     vals = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).flatten(-2)  # low nibble first
     exp = scales.to(torch.int32) - SCALE_BIAS
     return torch.ldexp(vals, exp[..., None].to(torch.float32)).to(dtype)
 
 
+def _decode_in_place(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`decode` on the tensors' own device by the formula, in row chunks of about 32 M values (the
+    tables below are host-side numpy)."""
+    lead, groups = blocks.shape[:-2], blocks.shape[-2]
+    flat_b, flat_s = blocks.reshape(-1, groups, BLOCK // 2), scales.reshape(-1, groups)
+    out = torch.empty(flat_b.shape[0], groups, BLOCK, dtype=dtype, device=blocks.device)
+    rows = max(1, (_CHUNK_VALUES * 64) // (groups * BLOCK))
+    for r in range(0, flat_b.shape[0], rows):
+        out[r:r + rows] = _decode_formula(flat_b[r:r + rows], flat_s[r:r + rows], dtype)
+    return out.reshape(*lead, groups * BLOCK)
+
+
 def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """[..., G, 16] uint8 + [..., G] uint8 -> [..., G·32] in `dtype` (exact in bf16 for |exp| < 127)."""
     check_pair(blocks, scales)
     lead, groups = blocks.shape[:-2], blocks.shape[-2]
-    flat_b = blocks.reshape(-1, groups, BLOCK // 2).cpu()
-    flat_s = scales.reshape(-1, groups).cpu()
+    if blocks.device.type != "cpu":  # an accelerator: no round trip through the host
+        return _decode_in_place(blocks, scales, dtype)
+    flat_b = blocks.reshape(-1, groups, BLOCK // 2)
+    flat_s = scales.reshape(-1, groups)
     out = torch.empty(flat_b.shape[0], groups, BLOCK, dtype=dtype)
     rows = max(1, _CHUNK_VALUES // (groups * BLOCK))
     fast = dtype in _FAST_DECODE
@@ -109,7 +123,7 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torc
         # mode="clip": no bounds buffer (uint8 indices are always < 256), straight into `out`
         np.take(table, b.numpy(), out=out_pairs[r:r + rows], mode="clip")
         out[r:r + rows].mul_(factors[s.to(torch.int64)].unsqueeze(-1))
-    return out.reshape(*lead, groups * BLOCK).to(blocks.device)
+    return out.reshape(*lead, groups * BLOCK)
 
 
 # ---- encode ---------------------------------------------------------------------------------------
@@ -216,6 +230,7 @@ def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if x.shape[-1] % BLOCK:
         raise MXFP4Error(f"encode: last dimension must be a multiple of {BLOCK}, got {x.shape[-1]}")
+    device = x.device
     x = x.detach().cpu()
     lead, n = x.shape[:-1], x.shape[-1]
     groups = n // BLOCK
@@ -230,8 +245,8 @@ def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if chunk.dtype != torch.bfloat16 or not _encode_bf16(chunk, b_out, s_out):
             _encode_float(chunk, b_out, s_out)
         r += k
-    return (torch.from_numpy(blocks).reshape(*lead, groups, BLOCK // 2),
-            torch.from_numpy(scales).reshape(*lead, groups))
+    return (torch.from_numpy(blocks).reshape(*lead, groups, BLOCK // 2).to(device),
+            torch.from_numpy(scales).reshape(*lead, groups).to(device))
 
 
 def to_hf_dense(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

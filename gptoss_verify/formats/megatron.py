@@ -251,9 +251,13 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
                     entries = [(n, shape, dtype) for n, (shape, _) in plan.items()]
                     f = StreamingTorchFile(rd / FILE, entries, lambda refs: {
                         "model": refs, "checkpoint_version": CHECKPOINT_VERSION, "iteration": ITERATION})
-                    for name, (_, recipe) in plan.items():
-                        f.put(name, recipe(src).to(dtype))
-                        bar.update()
+                    try:
+                        for name, (_, recipe) in plan.items():
+                            f.put(name, recipe(src).to(dtype))
+                            bar.update()
+                    except BaseException:
+                        f.abort()
+                        raise
                     f.close()
         finally:
             src.close()

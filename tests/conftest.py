@@ -36,10 +36,16 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def wants_fullsize(config) -> bool:
+    """Full-size tests (GBs written) run only when asked: GPTOSS_RUN_SLOW=1 or `-m fullsize`."""
+    return os.environ.get("GPTOSS_RUN_SLOW") == "1" or "fullsize" in (config.getoption("markexpr") or "")
+
+
 def pytest_collection_modifyitems(config, items):
-    if has_cuda():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_fullsize = pytest.mark.skip(reason="full size (GBs written): set GPTOSS_RUN_SLOW=1 or pass -m fullsize")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not has_cuda():
+            item.add_marker(skip_gpu)
+        if "fullsize" in item.keywords and not wants_fullsize(config):
+            item.add_marker(skip_fullsize)

@@ -5,13 +5,12 @@ vocabulary 201088; layout-only synthetic bytes shaped as an OCP encoder writes t
 HF (MXFP4) -> Megatron tp2 x ep4 -> HF (`--mxfp4`) and HF -> OpenAI -> HF: every file that comes
 back equals the source's, byte for byte (safetensors headers, tensor data, config.json), read
 from disk. It writes about 20 GB and takes about 3 minutes on a 2-core machine (166 s measured),
-so it is marked `slow` and runs only when asked (a plain `pytest -n auto` skips it):
-`GPTOSS_RUN_SLOW=1 python -m pytest tests/formats/test_published_layout_roundtrip.py` (or `-m slow`).
+so it is marked `fullsize` and runs only when asked (a plain `pytest -n auto` skips it):
+`GPTOSS_RUN_SLOW=1 python -m pytest tests/formats/test_published_layout_roundtrip.py` (or `-m fullsize`).
 """
 from __future__ import annotations
 
 import filecmp
-import os
 import shutil
 from pathlib import Path
 
@@ -19,10 +18,6 @@ import pytest
 
 from gptoss_verify.config import preset
 from gptoss_verify.convert import compare, convert
-
-
-def run_slow(config) -> bool:
-    return os.environ.get("GPTOSS_RUN_SLOW") == "1" or (config.getoption("markexpr") or "").strip() == "slow"
 
 
 def same_files(a: Path, b: Path) -> list[str]:
@@ -53,10 +48,8 @@ def test_mxfp4_flag_needs_an_mxfp4_target(hf_mxfp4, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.slow
-def test_published_20b_layout_two_layers_full_width(request, tmp_path):
-    if not run_slow(request.config):
-        pytest.skip("slow (about 20 GB written): set GPTOSS_RUN_SLOW=1 or pass -m slow")
+@pytest.mark.fullsize
+def test_published_20b_layout_two_layers_full_width(tmp_path):
     from gptoss_verify.formats import hf
     from gptoss_verify.formats.synthetic import iter_layout_weights
     spec = preset("gpt-oss-20b").with_layers(2)

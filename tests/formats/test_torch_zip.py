@@ -4,7 +4,6 @@ data, ZIP64 past 4 GiB (threshold lowered here; the real size is a slow opt-in t
 from __future__ import annotations
 
 import collections
-import os
 import struct
 import zipfile
 import zlib
@@ -175,12 +174,10 @@ def test_missing_tensor_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
-def test_real_zip64_matches_torch_save(request, tmp_path):
+@pytest.mark.fullsize
+def test_real_zip64_matches_torch_save(tmp_path):
     """A record over 4 GiB and records past 4 GiB, against torch.save byte for byte (about 9 GB
     written, 4 GB held): opt-in."""
-    if not (os.environ.get("GPTOSS_RUN_SLOW") == "1" or (request.config.getoption("markexpr") or "").strip() == "slow"):
-        pytest.skip("slow (about 9 GB written): set GPTOSS_RUN_SLOW=1 or pass -m slow")
     big = torch.zeros(4 * 2**30 + 100, dtype=torch.uint8)
     big[-1] = 7
     tensors = collections.OrderedDict([("a", big), ("b", torch.arange(3)), ("c", torch.empty(0))])

@@ -190,7 +190,7 @@ class SpoolSource(Source):
 class SafetensorsSource(SpoolSource):
     """An HF checkpoint sliced in place: rows read with pread straight from its safetensors files,
     so HF -> Megatron neither spools the checkpoint to scratch nor holds a whole tensor it only
-    needs a slice of. Every slice is checked as `SafetensorsDir.get_finite` checks tensors (NaN/Inf,
+    needs a slice of. Every slice is checked by `safetensors_io.check_finite` (NaN/Inf,
     E8M0 scale 255), naming the file and tensor. `files` is a validated `SafetensorsDir`."""
 
     def __init__(self, files):  # noqa: super().__init__ spools; here the files are the spool
@@ -202,7 +202,7 @@ class SafetensorsSource(SpoolSource):
         self._fds: dict[Path, int] = {}
 
     def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        from .safetensors_io import count_nonfinite
+        from .safetensors_io import check_finite
         info = self.infos[name]
         row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         n = (stop - start) * row
@@ -218,12 +218,7 @@ class SafetensorsSource(SpoolSource):
                 raise CheckpointError(f"{info.file}: truncated: tensor {name}")
             got += k
         t = buf.view(info.dtype).reshape(stop - start, *info.shape[1:])
-        if t.is_floating_point():
-            bad = count_nonfinite(t)
-            if bad:
-                raise CheckpointError(f"{info.file}: tensor {name}: expected finite values, got {bad} NaN/Inf")
-        elif t.dtype == torch.uint8 and name.endswith("_scales") and bool((t == 255).any()):
-            raise CheckpointError(f"{info.file}: tensor {name}: expected E8M0 scales < 255, got 255 (NaN)")
+        check_finite(t, name, info.file)
         return t
 
     def close(self) -> None:

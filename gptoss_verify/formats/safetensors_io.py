@@ -176,14 +176,7 @@ class SafetensorsDir:
     def get_finite(self, name: str) -> torch.Tensor:
         """`get`, refusing NaN/Inf in a float tensor and NaN (255) in an MXFP4 E8M0 scale tensor."""
         t = self.get(name)
-        if t.is_floating_point():
-            bad = count_nonfinite(t)
-            if bad:
-                raise CheckpointError(f"{self.tensors[name].file}: tensor {name}: expected finite values, "
-                                      f"got {bad} NaN/Inf")
-        elif t.dtype == torch.uint8 and name.endswith(("_scales", ".scales")) and bool((t == 255).any()):
-            raise CheckpointError(f"{self.tensors[name].file}: tensor {name}: expected E8M0 scales < 255, "
-                                  "got 255 (NaN)")
+        check_finite(t, name, self.tensors[name].file)
         return t
 
     def get(self, name: str) -> torch.Tensor:
@@ -210,6 +203,17 @@ class SafetensorsDir:
 # float dtype -> (same-size integer dtype, magnitude mask, bits of +Inf): |x| bits >= Inf's are NaN/Inf
 _NONFINITE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80), torch.float16: (torch.int16, 0x7FFF, 0x7C00),
                    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000)}
+
+
+def check_finite(t: torch.Tensor, name: str, file) -> None:
+    """Refuse NaN/Inf in a float tensor (or slice of one) and NaN (255) in an MXFP4 E8M0 scale
+    tensor, naming the file and tensor."""
+    if t.is_floating_point():
+        bad = count_nonfinite(t)
+        if bad:
+            raise CheckpointError(f"{file}: tensor {name}: expected finite values, got {bad} NaN/Inf")
+    elif t.dtype == torch.uint8 and name.endswith(("_scales", ".scales")) and bool((t == 255).any()):
+        raise CheckpointError(f"{file}: tensor {name}: expected E8M0 scales < 255, got 255 (NaN)")
 
 
 def count_nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> int:

@@ -19,16 +19,19 @@ tensor-parallel shard (TE layer spec, TEGroupedMLP names):
 Reading is strict: every file is checked against what the sidecar implies (a missing or extra
 tensor, a shape or dtype names the file and tensor), `_extra_state` entries are ignored, the
 SequentialMLP spelling `local_experts.{k}.linear_fc1.weight` is accepted, replicated copies must be
-bit-equal, padding rows must be zero. Writing builds one rank file at a time, one tensor at a time
-(`megatron_torchfile`), pulling slices from a random-access source (`megatron_source`).
+bit-equal, padding rows must be zero. Writing fills every rank file at once, a writer thread per
+file (`fanout_writer`, `megatron_torchfile`): each distinct tensor is cut once from a random-access
+source (`megatron_source`) and queued for every file that holds a copy of it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -37,6 +40,7 @@ from ..config import ConfigError, ModelSpec
 from ..weights import canonical_names
 from .canonical import Stream, TensorTable
 from .errors import CheckpointError
+from .fanout_writer import FanOutWriter
 from .megatron_source import Source, open_source
 from .megatron_torchfile import StoredTensor, StreamingTorchFile, _contiguous, index
 from .safetensors_io import atomic_directory, write_json
@@ -111,20 +115,33 @@ def layer_prefix(i: int) -> str:
     return f"decoder.layers.{i}."
 
 
-# Each entry: Megatron name -> (shape, recipe); a recipe builds the tensor from a Source.
+# A recipe builds one rank's tensor from a Source.
 Recipe = Callable[[Source], torch.Tensor]
 
 
-def rank_plan(spec: ModelSpec, lay: Layout, t: int, s: int, p: int) -> dict[str, tuple[tuple[int, ...], Recipe]]:
-    """Every tensor of rank (t, s, p) in file order, with its shape and how to cut it from the
-    canonical tensors. The one place the split rules live: `write`, `expected_tensors` and the
-    sharded forward's checks all derive from it."""
+class Piece(NamedTuple):
+    """One tensor of a rank file: its shape, how to cut it from the canonical tensors, and which
+    rank index its bytes depend on within a stage: "t" (a tensor-parallel piece, the same on every
+    expert-parallel rank), "p" (an expert, the same on every tensor-parallel rank) or "" (the same
+    everywhere). Ranks that agree on that index hold bit-equal copies, so a writer builds it once."""
+    shape: tuple[int, ...]
+    recipe: Recipe
+    varies_with: str
+
+    def copy_key(self, t: int, p: int) -> tuple[int | None, int | None]:
+        return (t if "t" in self.varies_with else None, p if "p" in self.varies_with else None)
+
+
+def rank_plan(spec: ModelSpec, lay: Layout, t: int, s: int, p: int) -> dict[str, Piece]:
+    """Every tensor of rank (t, s, p) in file order, with its shape, how to cut it from the
+    canonical tensors and which ranks share its bytes. The one place the split rules live: `write`,
+    `expected_tensors` and the sharded forward's checks all derive from it."""
     h, d, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
     nh, ng, qpk, T = spec.num_heads, spec.num_kv_heads, spec.q_per_kv, lay.tp
     groups = range(t * ng // T, (t + 1) * ng // T)
     vp = lay.vocab(spec)
     vrows = (t * vp // T, (t + 1) * vp // T)
-    plan: dict[str, tuple[tuple[int, ...], Recipe]] = {}
+    plan: dict[str, Piece] = {}
 
     def vocab_rows(name: str) -> Recipe:
         def make(src: Source) -> torch.Tensor:
@@ -137,7 +154,7 @@ def rank_plan(spec: ModelSpec, lay: Layout, t: int, s: int, p: int) -> dict[str,
         return make
 
     if s == 0:
-        plan["embedding.word_embeddings.weight"] = ((vp // T, h), vocab_rows("model.embed_tokens.weight"))
+        plan["embedding.word_embeddings.weight"] = Piece((vp // T, h), vocab_rows("model.embed_tokens.weight"), "t")
     for i, layer in enumerate(lay.stage_layers(spec, s)):
         hf, mg = f"model.layers.{layer}.", layer_prefix(i)
 
@@ -164,16 +181,16 @@ def rank_plan(spec: ModelSpec, lay: Layout, t: int, s: int, p: int) -> dict[str,
             return w[:, t * nh * d // T:(t + 1) * nh * d // T].contiguous()
 
         rows_qkv = len(groups) * (qpk + 2) * d
-        plan[mg + "self_attention.linear_qkv.layer_norm_weight"] = ((h,), whole(hf + "input_layernorm.weight"))
-        plan[mg + "self_attention.linear_qkv.weight"] = ((rows_qkv, h), qkv("weight"))
-        plan[mg + "self_attention.linear_qkv.bias"] = ((rows_qkv,), qkv("bias"))
-        plan[mg + "self_attention.linear_proj.weight"] = ((h, nh * d // T), proj)
-        plan[mg + "self_attention.linear_proj.bias"] = ((h,), whole(hf + "self_attn.o_proj.bias"))
-        plan[mg + "self_attention.core_attention.softmax_offset"] = (
-            (nh // T,), rows(hf + "self_attn.sinks", t * nh // T, (t + 1) * nh // T))
-        plan[mg + "pre_mlp_layernorm.weight"] = ((h,), whole(hf + "post_attention_layernorm.weight"))
-        plan[mg + "mlp.router.weight"] = ((spec.num_experts, h), whole(hf + "mlp.router.weight"))
-        plan[mg + "mlp.router.bias"] = ((spec.num_experts,), whole(hf + "mlp.router.bias"))
+        plan[mg + "self_attention.linear_qkv.layer_norm_weight"] = Piece((h,), whole(hf + "input_layernorm.weight"), "")
+        plan[mg + "self_attention.linear_qkv.weight"] = Piece((rows_qkv, h), qkv("weight"), "t")
+        plan[mg + "self_attention.linear_qkv.bias"] = Piece((rows_qkv,), qkv("bias"), "t")
+        plan[mg + "self_attention.linear_proj.weight"] = Piece((h, nh * d // T), proj, "t")
+        plan[mg + "self_attention.linear_proj.bias"] = Piece((h,), whole(hf + "self_attn.o_proj.bias"), "")
+        plan[mg + "self_attention.core_attention.softmax_offset"] = Piece(
+            (nh // T,), rows(hf + "self_attn.sinks", t * nh // T, (t + 1) * nh // T), "t")
+        plan[mg + "pre_mlp_layernorm.weight"] = Piece((h,), whole(hf + "post_attention_layernorm.weight"), "")
+        plan[mg + "mlp.router.weight"] = Piece((spec.num_experts, h), whole(hf + "mlp.router.weight"), "")
+        plan[mg + "mlp.router.bias"] = Piece((spec.num_experts,), whole(hf + "mlp.router.bias"), "")
         for k, e in enumerate(lay.experts_of(spec, p)):
             def fc1_w(src: Source, e=e, hf=hf) -> torch.Tensor:
                 gu = src.expert_t(hf + "mlp.experts.gate_up_proj", e)  # [2I, H], gate/up rows interleaved
@@ -187,13 +204,14 @@ def rank_plan(spec: ModelSpec, lay: Layout, t: int, s: int, p: int) -> dict[str,
                 return src.expert_t(hf + "mlp.experts.down_proj", e)  # down_proj[e] [I,H] -> [H,I]
 
             ex = mg + "mlp.experts."
-            plan[ex + f"linear_fc1.weight{k}"] = ((2 * inter, h), fc1_w)
-            plan[ex + f"linear_fc1.bias{k}"] = ((2 * inter,), fc1_b)
-            plan[ex + f"linear_fc2.weight{k}"] = ((h, inter), fc2_w)
-            plan[ex + f"linear_fc2.bias{k}"] = ((h,), lambda src, e=e, hf=hf: src.rows(hf + "mlp.experts.down_proj_bias", e, e + 1)[0])
+            plan[ex + f"linear_fc1.weight{k}"] = Piece((2 * inter, h), fc1_w, "p")
+            plan[ex + f"linear_fc1.bias{k}"] = Piece((2 * inter,), fc1_b, "p")
+            plan[ex + f"linear_fc2.weight{k}"] = Piece((h, inter), fc2_w, "p")
+            plan[ex + f"linear_fc2.bias{k}"] = Piece(
+                (h,), lambda src, e=e, hf=hf: src.rows(hf + "mlp.experts.down_proj_bias", e, e + 1)[0], "p")
     if s == lay.pp - 1:
-        plan["decoder.final_layernorm.weight"] = ((h,), lambda src: src.full("model.norm.weight"))
-        plan["output_layer.weight"] = ((vp // T, h), vocab_rows("lm_head.weight"))
+        plan["decoder.final_layernorm.weight"] = Piece((h,), lambda src: src.full("model.norm.weight"), "")
+        plan["output_layer.weight"] = Piece((vp // T, h), vocab_rows("lm_head.weight"), "t")
     return plan
 
 
@@ -205,8 +223,8 @@ def expected_tensors(spec: ModelSpec, tp: int = 1, ep: int = 1, pp: int = 1, pad
     table: TensorTable = {}
     for t, s, p in lay.ranks():
         rd = lay.rank_dir(t, s, p)
-        for name, (shape, _) in rank_plan(spec, lay, t, s, p).items():
-            table[f"{rd}/{name}"] = (shape, dtype)
+        for name, piece in rank_plan(spec, lay, t, s, p).items():
+            table[f"{rd}/{name}"] = (piece.shape, dtype)
     return table
 
 
@@ -241,28 +259,66 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
             _check_source(src, spec)
             dtype = src.dtype
             iter_dir = tmp / f"iter_{ITERATION:07d}"
-            plans = {r: rank_plan(spec, lay, *r) for r in lay.ranks()}
-            total = sum(len(pl) for pl in plans.values())
-            with tqdm(total=total, desc=f"write megatron {out_dir.name}", unit="tensor",
-                      disable=None if progress else True, leave=False) as bar:
-                for (t, s, p), plan in plans.items():
-                    rd = iter_dir / lay.rank_dir(t, s, p)
-                    rd.mkdir(parents=True)
-                    entries = [(n, shape, dtype) for n, (shape, _) in plan.items()]
-                    f = StreamingTorchFile(rd / FILE, entries, lambda refs: {
-                        "model": refs, "checkpoint_version": CHECKPOINT_VERSION, "iteration": ITERATION})
-                    try:
-                        for name, (_, recipe) in plan.items():
-                            f.put(name, recipe(src).to(dtype))
-                            bar.update()
-                    except BaseException:
-                        f.abort()
-                        raise
-                    f.close()
+            with tqdm(total=len(expected_tensors(spec, tp, ep, pp, pad_vocab)), desc=f"write megatron {out_dir.name}",
+                      unit="tensor", disable=None if progress else True, leave=False) as bar:
+                _write_rank_files(src, spec, lay, iter_dir, dtype, bar)
         finally:
             src.close()
         (tmp / TRACKER).write_text(f"{ITERATION}\n")
         write_json(tmp / SIDECAR, sidecar(spec, lay, dtype))
+
+
+def _write_rank_files(src: Source, spec: ModelSpec, lay: Layout, iter_dir: Path, dtype: torch.dtype, bar) -> None:
+    """Every rank file at once (`FanOutWriter`: a writer thread per file), each distinct tensor
+    built once and queued for all the files that hold a copy of it (`Piece.copy_key`)."""
+    plans = {r: rank_plan(spec, lay, *r) for r in lay.ranks()}
+    largest = max(dtype.itemsize * math.prod(piece.shape) for plan in plans.values() for piece in plan.values())
+    files = FanOutWriter(budget=max(largest, 64 << 20))
+    try:
+        for r, plan in plans.items():
+            rd = iter_dir / lay.rank_dir(*r)
+            rd.mkdir(parents=True)
+            files.add(r, StreamingTorchFile(rd / FILE, [(n, piece.shape, dtype) for n, piece in plan.items()],
+                                            lambda refs: {"model": refs, "checkpoint_version": CHECKPOINT_VERSION,
+                                                          "iteration": ITERATION}))
+        ahead = _Prefetch(src, spec)
+        for s in range(lay.pp):
+            stage = [r for r in plans if r[1] == s]
+            names = list(plans[stage[0]])
+            assert all(list(plans[r]) == names for r in stage), "ranks of a stage list the same tensors"
+            layers = lay.stage_layers(spec, s)
+            ahead.reach(layers.start)
+            for name in names:
+                if name.startswith("decoder.layers.") and name.endswith(".linear_qkv.layer_norm_weight"):
+                    ahead.reach(layers[int(name.split(".")[2])] + 1)  # a layer's first tensor
+                copies: dict[tuple, list] = {}
+                for t, _, p in stage:
+                    copies.setdefault(plans[(t, s, p)][name].copy_key(t, p), []).append((t, s, p))
+                for ranks in copies.values():
+                    files.put(ranks, name, plans[ranks[0]][name].recipe(src).to(dtype))
+                    bar.update(len(ranks))
+    except BaseException:
+        files.abort()
+        raise
+    files.close()
+
+
+class _Prefetch:
+    """Asks the source to read layer L's canonical tensors (the final norm and output layer after
+    the last) once the writer reaches layer L - 1, so that reading overlaps building and writing."""
+
+    def __init__(self, src: Source, spec: ModelSpec):
+        self.src, self.spec, self.asked = src, spec, set()
+        self.by_layer: dict[int, list[str]] = {}
+        for name in canonical_names(spec):
+            layer = int(name.split(".")[2]) if name.startswith("model.layers.") else (
+                spec.num_layers if name != "model.embed_tokens.weight" else -1)
+            self.by_layer.setdefault(layer, []).append(name)
+
+    def reach(self, layer: int) -> None:
+        if layer not in self.asked and layer in self.by_layer:
+            self.asked.add(layer)
+            self.src.prefetch(self.by_layer[layer])
 
 
 def _check_source(src: Source, spec: ModelSpec) -> None:
@@ -469,7 +525,8 @@ def _model_dict(file: Path) -> dict[str, StoredTensor]:
 def _check_file(ck: Checkpoint, key: tuple[int, int, int], sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     file = ck.files[key]
     plan = rank_plan(ck.spec, ck.layout, *key)
-    for name, (shape, _) in plan.items():
+    for name, piece in plan.items():
+        shape = piece.shape
         if name not in sd:
             raise CheckpointError(f"{file}: missing tensor {name} (expected {dtype} {list(shape)})")
         got = sd[name]

@@ -35,7 +35,7 @@ from ..config import ConfigError, ModelSpec
 from ..weights import canonical_names
 from .canonical import Stream, TensorTable
 from .errors import CheckpointError
-from .megatron import ITERATION, SIDECAR, TRACKER, Layout, _find_meta, rank_plan
+from .megatron import ITERATION, SIDECAR, TRACKER, Layout, Piece, _find_meta, rank_plan
 from .megatron_source import Source, open_source
 from .safetensors_io import atomic_directory, write_json
 
@@ -72,12 +72,12 @@ def _flat(spec: ModelSpec, pad_vocab: bool, tp: int) -> tuple[Layout, dict]:
     vp = Layout(tp, 1, 1, pad_vocab).vocab(spec)
     if vp != spec.vocab_size:
         for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            shape, recipe = plan[name]
+            shape, recipe, varies_with = plan[name]
 
             def padded(src: Source, recipe=recipe) -> torch.Tensor:
                 t = recipe(src)
                 return torch.cat([t, t.new_zeros(vp - t.shape[0], t.shape[1])])
-            plan[name] = ((vp, shape[1]), padded)
+            plan[name] = Piece((vp, shape[1]), padded, varies_with)
     return lay, plan
 
 
@@ -86,13 +86,13 @@ def expected_tensors(spec: ModelSpec, tp: int = 1, ep: int = 1, pp: int = 1, pad
     """Global key -> (global shape, dtype)."""
     Layout(tp, ep, pp, pad_vocab).check(spec)
     _, plan = _flat(spec, pad_vocab, tp)
-    table: TensorTable = {"embedding.word_embeddings.weight": (plan["embedding.word_embeddings.weight"][0], dtype)}
+    table: TensorTable = {"embedding.word_embeddings.weight": (plan["embedding.word_embeddings.weight"].shape, dtype)}
     L, E = spec.num_layers, spec.num_experts
     for key, name in LAYER_KEYS.items():
-        shape = plan["decoder.layers.0." + name.format(e=0)][0]
+        shape = plan["decoder.layers.0." + name.format(e=0)].shape
         table[key] = (((L, E) if "{e}" in name else (L,)) + tuple(shape), dtype)
     for key in ("decoder.final_layernorm.weight", "output_layer.weight"):
-        table[key] = (plan[GLOBAL_KEYS[key]][0], dtype)
+        table[key] = (plan[GLOBAL_KEYS[key]].shape, dtype)
     return table
 
 
@@ -116,19 +116,19 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
             bar = tqdm(total=len(GLOBAL_KEYS) + len(LAYER_KEYS) * L, desc=f"write megatron-dist {out_dir.name}",
                        unit="tensor", disable=not progress, leave=False)
             for key, name in GLOBAL_KEYS.items():
-                state[key] = plan[name][1](src).to(dtype)
+                state[key] = plan[name].recipe(src).to(dtype)
                 bar.update()
             for key, name in LAYER_KEYS.items():
-                first_shape = plan["decoder.layers.0." + name.format(e=0)][0]
+                first_shape = plan["decoder.layers.0." + name.format(e=0)].shape
                 lead = (L, E) if "{e}" in name else (L,)
                 out = torch.empty(lead + tuple(first_shape), dtype=dtype)
                 for layer in range(L):
                     pre = f"decoder.layers.{layer}."
                     if "{e}" in name:
                         for e in range(E):
-                            out[layer, e] = plan[pre + name.format(e=e)][1](src)
+                            out[layer, e] = plan[pre + name.format(e=e)].recipe(src)
                     else:
-                        out[layer] = plan[pre + name][1](src)
+                        out[layer] = plan[pre + name].recipe(src)
                     bar.update()
                 state[key] = out
             bar.close()

@@ -82,7 +82,9 @@ class StreamingTorchFile:
         self._writer.write_preamble(buf.getvalue())
         self.done: set[str] = set()
 
-    def put(self, name: str, tensor: torch.Tensor) -> None:
+    def put(self, name: str, tensor: torch.Tensor, crc=None) -> None:
+        """`crc`: the CRC32 of the tensor's bytes (an int or a Future of one) when the caller has
+        it already, as for a tensor written to several files; computed here otherwise."""
         if name not in self.expected:
             raise CheckpointError(f"{self.path}: unexpected tensor {name}")
         if name in self.done:
@@ -93,7 +95,7 @@ class StreamingTorchFile:
                                   f"got {tensor.dtype} {list(tensor.shape)}")
         # only the tensor's own span is written, so a view into a larger storage needs no copy
         t = tensor.detach().to("cpu").contiguous()
-        self._writer.write_record(f"data/{self.keys[name]}", tensor_bytes(t))
+        self._writer.write_record(f"data/{self.keys[name]}", tensor_bytes(t), crc=crc)
         self.done.add(name)
 
     def close(self) -> None:

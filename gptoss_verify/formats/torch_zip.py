@@ -96,7 +96,9 @@ class TorchZipWriter:
         self.write_record(".storage_alignment", str(ALIGNMENT).encode())
         self.write_record("byteorder", sys.byteorder.encode())
 
-    def write_record(self, name: str, data) -> None:
+    def write_record(self, name: str, data, crc=None) -> None:
+        """`crc`: the data's CRC32 if the caller has it (an int, or a Future of one that is waited
+        for after the data is written); computed alongside the write otherwise."""
         if name in self._names:
             raise ValueError(f"record {name} written twice")
         view = memoryview(data).cast("B")
@@ -110,7 +112,11 @@ class TorchZipWriter:
         extra = local64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
         flags = 0x0808 if size else 0x0800
         self._write(_LOCAL.pack(0x04034B50, 0, flags, 0, 0, 0, 0, 0, 0, len(full), len(extra)) + full + extra)
-        crc = self._write_data(view)
+        if crc is None:
+            crc = self._write_data(view)
+        else:
+            self._write(view)
+            crc = crc.result() if hasattr(crc, "result") else crc
         if size:
             # torch's writer folds every write that starts like a data descriptor into the id
             if size >= 8 and int.from_bytes(view[:4], "little") == _DESCRIPTOR_SIG:

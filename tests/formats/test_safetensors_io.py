@@ -117,3 +117,28 @@ def test_index_naming_a_missing_file(tmp_path):
         {"metadata": {}, "weight_map": {"w": "m.safetensors", "v": "gone.safetensors"}}))
     with pytest.raises(CheckpointError, match=r"names file gone\.safetensors \(for tensor v\), which does not exist"):
         SafetensorsDir(tmp_path)
+
+
+def test_prefetch_reads_the_named_tensors_in_file_order_and_nothing_else(tmp_path, monkeypatch):
+    """`SafetensorsSource.prefetch` (HF -> Megatron reads the next layer ahead) asks for exactly the
+    named tensors' spans, MXFP4 pairs included, sorted by file and offset; reads still match."""
+    from gptoss_verify.formats import megatron_source
+    g = torch.Generator().manual_seed(1)
+    tensors = {"x.gate_up_proj_blocks": torch.randint(0, 256, (2, 3, 4, 16), generator=g, dtype=torch.uint8),
+               "x.gate_up_proj_scales": torch.randint(100, 140, (2, 3, 4), generator=g, dtype=torch.uint8),
+               "y.weight": torch.randn(5, 4, generator=g).to(torch.bfloat16), "z.weight": torch.randn(6, generator=g)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    asked = []
+    real = megatron_source._read_into_cache
+    monkeypatch.setattr(megatron_source, "_read_into_cache", lambda spans, stop: (asked.append(spans), real(spans, stop)))
+    src = megatron_source.SafetensorsSource(SafetensorsDir(tmp_path))
+    src.prefetch(["z.weight", "x.gate_up_proj", "missing.weight"])
+    src.close()
+    info = src.infos
+    want = sorted((info[n].file, info[n].offset, info[n].nbytes)
+                  for n in ("z.weight", "x.gate_up_proj_blocks", "x.gate_up_proj_scales"))
+    assert asked == [want]
+    src = megatron_source.SafetensorsSource(SafetensorsDir(tmp_path))
+    src.prefetch(["y.weight"])
+    assert torch.equal(src.rows("y.weight", 1, 4), tensors["y.weight"][1:4])
+    src.close()

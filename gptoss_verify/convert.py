@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .formats import canonical
 from .formats import layout as layouts
 from .formats.errors import CheckpointError
-from .formats.safetensors_io import check_destination, count_nonfinite
+from .formats.safetensors_io import check_destination, check_finite
 
 MEGATRON_OPTIONS = ("tp", "ep", "pp", "pad_vocab")
 
@@ -121,14 +121,8 @@ def _checked(stream, counter: list[int], where: Path, values: bool = True) -> It
     """Count what passes, and refuse NaN/Inf weights or NaN MXFP4 scales (255) by name (`values`:
     for readers that do not check them already, as the safetensors layouts do)."""
     for name, t in stream:
-        if not values:
-            pass
-        elif t.is_floating_point():
-            bad = count_nonfinite(t)
-            if bad:
-                raise CheckpointError(f"{where}: tensor {name}: expected finite values, got {bad} NaN/Inf")
-        elif t.dtype == torch.uint8 and name.endswith(("_scales", ".scales")) and bool((t == 255).any()):
-            raise CheckpointError(f"{where}: tensor {name}: expected E8M0 scales < 255, got 255 (NaN)")
+        if values:
+            check_finite(t, name, where)
         counter[0] += 1
         counter[1] += t.numel() * t.element_size()
         yield name, t

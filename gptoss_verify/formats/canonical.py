@@ -8,7 +8,9 @@ on an MXFP4 grid.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -18,6 +20,8 @@ from . import mxfp4
 from .errors import CheckpointError
 
 EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+#: (canonical name, tensor) pairs. A tensor may be a strided view (a reader hands expert weights
+#: over in the orientation it holds them, transposed); consumers that need bytes make it contiguous.
 Stream = Iterator[tuple[str, torch.Tensor]]
 TensorTable = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -77,8 +81,8 @@ def to_mxfp4(stream: Iterable[tuple[str, torch.Tensor]]) -> Stream:
     """Encode every dense expert weight with the OCP MX rule (lossy); other tensors pass through."""
     for name, tensor in stream:
         if is_expert_weight(name):
-            try:  # one expert at a time: the encoder's float32 temporaries stay small
-                pairs = [mxfp4.from_hf_dense(tensor[e:e + 1]) for e in range(tensor.shape[0])]
+            try:
+                pairs = _encode_experts(tensor)
                 blocks = torch.cat([b for b, _ in pairs])
                 scales = torch.cat([s for _, s in pairs])
                 del pairs
@@ -88,6 +92,18 @@ def to_mxfp4(stream: Iterable[tuple[str, torch.Tensor]]) -> Stream:
             yield name + "_scales", scales
         else:
             yield name, tensor
+
+
+def _encode_experts(tensor: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(blocks, scales) of each expert, one expert at a time per thread (so the encoder's float32
+    temporaries stay small), on as many threads as cores: the encoder's numpy and torch steps
+    release the GIL, and a converter has nothing else for its cores to do meanwhile."""
+    experts = range(tensor.shape[0])
+    workers = min(os.cpu_count() or 1, len(experts))
+    if workers <= 1:
+        return [mxfp4.from_hf_dense(tensor[e:e + 1]) for e in experts]
+    with ThreadPoolExecutor(workers, thread_name_prefix="mxfp4-encode") as pool:
+        return list(pool.map(lambda e: mxfp4.from_hf_dense(tensor[e:e + 1]), experts))
 
 
 def as_form(stream: Iterable[tuple[str, torch.Tensor]], mxfp4_out: bool, dtype: torch.dtype) -> Stream:

@@ -17,15 +17,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from . import canonical, mxfp4
 from .errors import CheckpointError
+from .readahead import ReadAhead
 from .tensor_ops import contiguous, transpose_copy
 
 
@@ -205,20 +204,15 @@ class SafetensorsSource(SpoolSource):
         embed = self.infos.get("model.embed_tokens.weight")
         self.dtype = embed.dtype if embed is not None else torch.bfloat16
         self._fds: dict[Path, int] = {}
-        self._reader: ThreadPoolExecutor | None = None
-        self._closing = threading.Event()
+        self._ahead = ReadAhead()
 
     def prefetch(self, names: Iterable[str]) -> None:
-        """Read these tensors' bytes (MXFP4 pairs included) into the page cache in a background
-        thread, in file order, while the writer is busy with the tensors before them: the writer's
-        own reads are small slices in its order, which a disk busy writing serves slowly."""
-        spans = sorted((info.file, info.offset, info.nbytes) for name in names
-                       for stored in (name, name + "_blocks", name + "_scales")
-                       if (info := self.infos.get(stored)) is not None)
-        if spans:
-            if self._reader is None:
-                self._reader = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-            self._reader.submit(_read_into_cache, spans, self._closing)
+        """Read these tensors' bytes (MXFP4 pairs included) into the page cache in the background
+        while the writer is busy with the tensors before them: the writer's own reads are small
+        slices in its order, which a disk busy writing serves slowly."""
+        self._ahead.warm((info.file, info.offset, info.nbytes) for name in names
+                         for stored in (name, name + "_blocks", name + "_scales")
+                         if (info := self.infos.get(stored)) is not None)
 
     def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
         from .safetensors_io import check_finite
@@ -241,32 +235,13 @@ class SafetensorsSource(SpoolSource):
         return t
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._closing.set()
-            self._reader.shutdown(cancel_futures=True)
+        self._ahead.close()
         for fd in self._fds.values():
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._fds.clear()
-
-
-def _read_into_cache(spans: list[tuple[Path, int, int]], stop: threading.Event, chunk: int = 8 << 20) -> None:
-    """Read the spans (file, offset, length) once, discarding the bytes: they stay in the page
-    cache for the real reads. A failure here is ignored; the real read reports it."""
-    buf = bytearray(chunk)
-    try:
-        for file, offset, length in spans:
-            with open(file, "rb", buffering=0) as f:
-                for start in range(offset, offset + length, chunk):
-                    if stop.is_set():
-                        return
-                    n = min(chunk, offset + length - start)
-                    if os.preadv(f.fileno(), [memoryview(buf)[:n]], start) <= 0:
-                        break
-    except OSError:
-        pass
 
 
 def open_source(source, scratch_dir: Path, progress=None) -> Source:

@@ -131,14 +131,25 @@ class StoredTensor:
                  dtype: torch.dtype, nbytes: int):
         self.path, self.offset, self.shape, self.stride, self.dtype, self.nbytes = path, offset, shape, stride, dtype, nbytes
 
-    def load(self) -> torch.Tensor:
-        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+    def load(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor's values; read straight into `out` (contiguous, this shape and dtype) if given."""
+        if out is not None:
+            if tuple(out.shape) != tuple(self.shape) or out.dtype != self.dtype:
+                raise ValueError(f"{self.path}: cannot read {self.dtype} {list(self.shape)} into {out.dtype} {list(out.shape)}")
+            if not out.is_contiguous() or not _contiguous(self.shape, self.stride) \
+                    or out.numel() * out.element_size() != self.nbytes or not out.numel():
+                return out.copy_(self.load())  # a strided record (a saved view) or destination
+            buf = out.reshape(-1).view(torch.uint8)
+        else:
+            buf = torch.empty(self.nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             got = f.readinto(view)
         if got != self.nbytes:
             raise CheckpointError(f"{self.path}: truncated (a tensor's data ends past the end of the file)")
+        if out is not None:
+            return out
         flat = buf.view(self.dtype)
         numel = 1
         for s in self.shape:

@@ -197,3 +197,17 @@ def test_real_zip64_matches_torch_save(tmp_path):
         tail_a, tail_b = fa.read(), fb.read()
     assert len(tail_a) == len(tail_b)
     assert sum(x != y for x, y in zip(tail_a, tail_b)) <= 20 + 8  # id digits and its CRC twice
+
+
+def test_a_stored_tensor_reads_into_a_destination(tmp_path):
+    """`StoredTensor.load(out=)` (the Megatron reader fills vocabulary rows in place): contiguous
+    records straight into `out`, a record saved as a strided view through a copy, a wrong shape refused."""
+    from gptoss_verify.formats.megatron_torchfile import index
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    torch.save({"plain": base.clone(), "view": base.t()}, tmp_path / "x.pt")
+    stored = index(tmp_path / "x.pt")
+    for name, want in (("plain", base), ("view", base.t())):
+        out = torch.full(want.shape, -1.0)
+        assert stored[name].load(out=out) is out and torch.equal(out, want), name
+    with pytest.raises(ValueError, match=r"into torch.float32 \[6, 4\]"):
+        stored["plain"].load(out=torch.empty(6, 4))

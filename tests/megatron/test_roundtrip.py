@@ -17,7 +17,7 @@ def _assert_same(spec, weights, out):
     for name, t in stream:
         ref = weights[name]
         assert t.dtype == ref.dtype and t.shape == ref.shape, name
-        assert torch.equal(t.view(torch.uint8), ref.contiguous().view(torch.uint8)), f"{name} differs"
+        assert torch.equal(t.contiguous().view(torch.uint8), ref.contiguous().view(torch.uint8)), f"{name} differs"
         seen.append(name)
     assert sorted(seen) == sorted(weights) and len(seen) == len(set(seen))
 

@@ -31,5 +31,8 @@ def test_decode_stays_on_the_gpu():
     out = mxfp4.decode(blocks.cuda(), scales.cuda(), torch.bfloat16)
     assert out.is_cuda
     assert torch.equal(out.cpu().view(torch.int16), mxfp4.decode(blocks, scales).view(torch.int16))
-    b, s = mxfp4.encode(out)
+    finite = out[out.isfinite().all(-1)]  # scales 253 and 254 overflow bf16 for the larger codes
+    assert finite.shape[0] == 253
+    b, s = mxfp4.encode(finite)  # values on their blocks' grid: encoding them back is exact
     assert b.is_cuda and s.is_cuda
+    assert torch.equal(mxfp4.decode(b, s, torch.bfloat16).view(torch.int16), finite.view(torch.int16))

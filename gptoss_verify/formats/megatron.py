@@ -141,6 +141,7 @@ def rank_plan(spec: ModelSpec, lay: Layout, t: int, s: int, p: int) -> dict[str,
     groups = range(t * ng // T, (t + 1) * ng // T)
     vp = lay.vocab(spec)
     vrows = (t * vp // T, (t + 1) * vp // T)
+    gate_then_up = torch.cat([torch.arange(0, 2 * inter, 2), torch.arange(1, 2 * inter, 2)])  # fc1 row order
     plan: dict[str, Piece] = {}
 
     def vocab_rows(name: str) -> Recipe:
@@ -192,9 +193,8 @@ def rank_plan(spec: ModelSpec, lay: Layout, t: int, s: int, p: int) -> dict[str,
         plan[mg + "mlp.router.weight"] = Piece((spec.num_experts, h), whole(hf + "mlp.router.weight"), "")
         plan[mg + "mlp.router.bias"] = Piece((spec.num_experts,), whole(hf + "mlp.router.bias"), "")
         for k, e in enumerate(lay.experts_of(spec, p)):
-            def fc1_w(src: Source, e=e, hf=hf) -> torch.Tensor:
-                gu = src.expert_t(hf + "mlp.experts.gate_up_proj", e)  # [2I, H], gate/up rows interleaved
-                return torch.cat([gu[0::2], gu[1::2]])
+            def fc1_w(src: Source, e=e, hf=hf) -> torch.Tensor:  # HF's interleaved gate/up rows -> [gate; up]
+                return src.expert_t(hf + "mlp.experts.gate_up_proj", e, order=gate_then_up)
 
             def fc1_b(src: Source, e=e, hf=hf) -> torch.Tensor:
                 b = src.rows(hf + "mlp.experts.gate_up_proj_bias", e, e + 1)[0]

@@ -37,10 +37,12 @@ class Source:
     def full(self, name: str) -> torch.Tensor:
         return self.rows(name, 0, self.shape(name)[0])
 
-    def expert_t(self, name: str, e: int) -> torch.Tensor:
+    def expert_t(self, name: str, e: int, order: torch.Tensor | None = None) -> torch.Tensor:
         """Expert e of a dense expert weight, transposed to [out, in] (contiguous): what Megatron
-        stores. MXFP4 sources decode straight into it, with no transpose there and back."""
-        return transpose_copy(self.rows(name, e, e + 1)[0])
+        stores; its rows taken in `order` if given (Megatron's [gate; up] from HF's interleaved
+        rows). MXFP4 sources reorder the (4x smaller) blocks and decode straight into it."""
+        t = transpose_copy(self.rows(name, e, e + 1)[0])
+        return t if order is None else t[order]
 
     def shape(self, name: str) -> tuple[int, ...]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -76,9 +78,9 @@ class MappingSource(Source):
         out = t.rows(start, stop) if isinstance(t, _Lazy) else t[start:stop]
         return out.to(self.dtype) if out.is_floating_point() and out.dtype != self.dtype else out
 
-    def expert_t(self, name: str, e: int) -> torch.Tensor:
+    def expert_t(self, name: str, e: int, order: torch.Tensor | None = None) -> torch.Tensor:
         t = self._get(name)
-        return t.expert_t(e) if isinstance(t, _Lazy) else super().expert_t(name, e)
+        return t.expert_t(e, order) if isinstance(t, _Lazy) else super().expert_t(name, e, order)
 
 
 class _Lazy:
@@ -95,11 +97,8 @@ class _Lazy:
         except mxfp4.MXFP4Error as err:
             raise CheckpointError(f"source: {self.name}: {err}") from None
 
-    def expert_t(self, e: int) -> torch.Tensor:
-        try:
-            return mxfp4.decode(self.blocks[e], self.scales[e], self.dtype)
-        except mxfp4.MXFP4Error as err:
-            raise CheckpointError(f"source: {self.name}: {err}") from None
+    def expert_t(self, e: int, order: torch.Tensor | None = None) -> torch.Tensor:
+        return _decode_rows(self.blocks[e], self.scales[e], order, self.dtype, self.name)
 
 
 class SpoolSource(Source):
@@ -169,16 +168,13 @@ class SpoolSource(Source):
                 raise CheckpointError(f"source: {name}: {err}") from None
         raise CheckpointError(f"source: missing tensor {name}")
 
-    def expert_t(self, name: str, e: int) -> torch.Tensor:
+    def expert_t(self, name: str, e: int, order: torch.Tensor | None = None) -> torch.Tensor:
         if name not in self.index and canonical.is_expert_weight(name) and name + "_blocks" in self.index:
             if name + "_scales" not in self.index:
                 raise CheckpointError(f"source: {name}_blocks came without {name}_scales")
-            try:
-                return mxfp4.decode(self._read(name + "_blocks", e, e + 1)[0],
-                                    self._read(name + "_scales", e, e + 1)[0], self.dtype)
-            except mxfp4.MXFP4Error as err:
-                raise CheckpointError(f"source: {name}: {err}") from None
-        return super().expert_t(name, e)
+            return _decode_rows(self._read(name + "_blocks", e, e + 1)[0], self._read(name + "_scales", e, e + 1)[0],
+                                order, self.dtype, name)
+        return super().expert_t(name, e, order)
 
     def names(self) -> list[str]:
         return list(self.index)
@@ -242,6 +238,17 @@ class SafetensorsSource(SpoolSource):
             except OSError:
                 pass
         self._fds.clear()
+
+
+def _decode_rows(blocks: torch.Tensor, scales: torch.Tensor, order: torch.Tensor | None, dtype: torch.dtype,
+                 name: str) -> torch.Tensor:
+    """One expert's [out, in] from its blocks/scales, rows in `order` if given."""
+    if order is not None:
+        blocks, scales = blocks[order], scales[order]
+    try:
+        return mxfp4.decode(blocks, scales, dtype)
+    except mxfp4.MXFP4Error as err:
+        raise CheckpointError(f"source: {name}: {err}") from None
 
 
 def open_source(source, scratch_dir: Path, progress=None) -> Source:

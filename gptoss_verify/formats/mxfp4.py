@@ -10,12 +10,11 @@ Speed matters here: a full-width 20B layer holds 0.8 G expert values, and every 
 an MXFP4 layout and a dense one decodes or encodes all of them. Both directions therefore work on
 bounded row chunks through lookup tables instead of per-nibble arithmetic:
 
-- decode: one 256-entry table maps a block byte to *both* of its values at once (a bf16 or float32
-  pair packed in one integer, low nibble first, so a little-endian view is the element order);
-  the scale is applied with one multiply by the exact power of two. Every product is exact
-  (at most 3 significant bits times a power of two, inside float32's and bf16's range), so the
-  result is bit-identical to value·ldexp(1, scale−127) rounded once; scale 255 (E8M0 NaN) goes
-  through that literal formula, chunk by chunk, so it too stays as it always decoded.
+- decode: one table of 256 scales × 256 bytes maps (scale, block byte) to *both* of the byte's
+  values at once (a bf16 or float32 pair packed in one integer, low nibble first, so a
+  little-endian view is the element order). Its entries are computed once by the literal formula
+  (value·ldexp(1, scale−127) rounded once, scale 255 included), so the lookup is that formula,
+  bit for bit, with no arithmetic per element; the table (256 or 512 KB) stays in cache.
 - encode, bf16 input: the integer bit patterns do the work. |x|'s bits minus (exponent << 7) *are*
   the bits of the scaled magnitude m whenever m is a normal number, and the e2m1 code of m is a
   table lookup on those bits; blocks whose magnitudes come near bf16's subnormals take the float
@@ -56,27 +55,21 @@ def check_pair(blocks: torch.Tensor, scales: torch.Tensor, name: str = "tensor")
 
 # ---- decode ---------------------------------------------------------------------------------------
 _PAIR_INT = {2: (torch.int32, np.uint32), 4: (torch.int64, np.uint64)}  # element size -> packed pair
-_FAST_DECODE = (torch.bfloat16, torch.float32)  # every 2^(s-127), s < 255, is exact in these
+_FAST_DECODE = (torch.bfloat16, torch.float32)  # dtypes decoded through the (scale, byte) table
 _tables: dict = {}
 
 
 def _pair_table(dtype: torch.dtype) -> np.ndarray:
-    """[256] integers: entry b holds (value of b's low nibble, value of its high nibble) in `dtype`,
-    the low nibble's value at the lower address."""
+    """[256 · 256] integers: entry (scale << 8) | byte holds both values of `byte` under `scale`
+    in `dtype` (low nibble first, so a little-endian view is the element order), each computed by
+    the literal formula, scale 255 (E8M0 NaN) included."""
     if dtype not in _tables:
-        b = torch.arange(256)
-        values = torch.tensor(FP4_VALUES, dtype=dtype)
-        pair = torch.stack([values[b & 0x0F], values[b >> 4]], dim=-1).contiguous()  # [256, 2]
-        _tables[dtype] = pair.view(_PAIR_INT[dtype.itemsize][0]).reshape(256).numpy().view(_PAIR_INT[dtype.itemsize][1])
+        every_byte = torch.arange(256, dtype=torch.uint8).repeat(256).reshape(256, 16, 16)  # [scale, group, 16]
+        every_scale = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 16).contiguous()
+        pairs = _decode_formula(every_byte, every_scale, dtype).reshape(256, 256, 2).contiguous()
+        packed, np_int = _PAIR_INT[dtype.itemsize]
+        _tables[dtype] = pairs.view(packed).reshape(256 * 256).numpy().view(np_int)
     return _tables[dtype]
-
-
-def _powers_of_two(dtype: torch.dtype) -> torch.Tensor:
-    """[256] `dtype`: ldexp(1, s - 127), computed as the literal formula computes it."""
-    key = ("pow2", dtype)
-    if key not in _tables:
-        _tables[key] = torch.ldexp(torch.ones(256), torch.arange(256, dtype=torch.float32) - SCALE_BIAS).to(dtype)
-    return _tables[key]
 
 
 def _decode_formula(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -110,19 +103,21 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torc
     flat_s = scales.reshape(-1, groups)
     out = torch.empty(flat_b.shape[0], groups, BLOCK, dtype=dtype)
     rows = max(1, _CHUNK_VALUES // (groups * BLOCK))
-    fast = dtype in _FAST_DECODE
-    if fast:
-        table, factors = _pair_table(dtype), _powers_of_two(dtype)
-        flat_b = flat_b.contiguous()
-        out_pairs = out.view(_PAIR_INT[dtype.itemsize][0]).numpy().view(_PAIR_INT[dtype.itemsize][1])
+    if dtype not in _FAST_DECODE:
+        for r in range(0, flat_b.shape[0], rows):
+            out[r:r + rows] = _decode_formula(flat_b[r:r + rows], flat_s[r:r + rows], dtype)
+        return out.reshape(*lead, groups * BLOCK)
+    table = _pair_table(dtype)
+    out_pairs = out.view(_PAIR_INT[dtype.itemsize][0]).numpy().view(_PAIR_INT[dtype.itemsize][1])
+    b_np, s_np = flat_b.contiguous().numpy(), flat_s.contiguous().numpy()
+    index = np.empty((min(rows, flat_b.shape[0]), groups, BLOCK // 2), dtype=np.uint16)
     for r in range(0, flat_b.shape[0], rows):
-        b, s = flat_b[r:r + rows], flat_s[r:r + rows]
-        if not fast or bool((s == 255).any()):
-            out[r:r + rows] = _decode_formula(b, s, dtype)
-            continue
-        # mode="clip": no bounds buffer (uint8 indices are always < 256), straight into `out`
-        np.take(table, b.numpy(), out=out_pairs[r:r + rows], mode="clip")
-        out[r:r + rows].mul_(factors[s.to(torch.int64)].unsqueeze(-1))
+        k = min(rows, flat_b.shape[0] - r)
+        i = index[:k]  # (scale << 8) | byte, built in place
+        np.left_shift(s_np[r:r + k, :, None], 8, out=i, dtype=np.uint16, casting="unsafe")
+        np.bitwise_or(i, b_np[r:r + k], out=i, casting="unsafe")
+        # mode="clip": no bounds buffer (the indices are < 65536 by construction), straight into `out`
+        np.take(table, i, out=out_pairs[r:r + k], mode="clip")
     return out.reshape(*lead, groups * BLOCK)
 
 

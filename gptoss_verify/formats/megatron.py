@@ -259,21 +259,23 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
             _check_source(src, spec)
             dtype = src.dtype
             iter_dir = tmp / f"iter_{ITERATION:07d}"
-            with tqdm(total=len(expected_tensors(spec, tp, ep, pp, pad_vocab)), desc=f"write megatron {out_dir.name}",
-                      unit="tensor", disable=None if progress else True, leave=False) as bar:
-                _write_rank_files(src, spec, lay, iter_dir, dtype, bar)
+            _write_rank_files(src, spec, lay, iter_dir, dtype, progress and f"write megatron {out_dir.name}")
         finally:
             src.close()
         (tmp / TRACKER).write_text(f"{ITERATION}\n")
         write_json(tmp / SIDECAR, sidecar(spec, lay, dtype))
 
 
-def _write_rank_files(src: Source, spec: ModelSpec, lay: Layout, iter_dir: Path, dtype: torch.dtype, bar) -> None:
+def _write_rank_files(src: Source, spec: ModelSpec, lay: Layout, iter_dir: Path, dtype: torch.dtype,
+                      progress: str | bool) -> None:
     """Every rank file at once (`FanOutWriter`: a writer thread per file), each distinct tensor
-    built once and queued for all the files that hold a copy of it (`Piece.copy_key`)."""
+    built once and queued for all the files that hold a copy of it (`Piece.copy_key`). `progress`:
+    the progress bar's label, or False for none."""
     plans = {r: rank_plan(spec, lay, *r) for r in lay.ranks()}
     largest = max(dtype.itemsize * math.prod(piece.shape) for plan in plans.values() for piece in plan.values())
     files = FanOutWriter(budget=max(largest, 64 << 20))
+    bar = tqdm(total=sum(len(plan) for plan in plans.values()), desc=progress or None, unit="tensor",
+               disable=None if progress else True, leave=False)
     try:
         for r, plan in plans.items():
             rd = iter_dir / lay.rank_dir(*r)
@@ -300,6 +302,8 @@ def _write_rank_files(src: Source, spec: ModelSpec, lay: Layout, iter_dir: Path,
     except BaseException:
         files.abort()
         raise
+    finally:
+        bar.close()
     files.close()
 
 
@@ -308,7 +312,7 @@ class _Prefetch:
     the last) once the writer reaches layer L - 1, so that reading overlaps building and writing."""
 
     def __init__(self, src: Source, spec: ModelSpec):
-        self.src, self.spec, self.asked = src, spec, set()
+        self.src, self.asked = src, set()
         self.by_layer: dict[int, list[str]] = {}
         for name in canonical_names(spec):
             layer = int(name.split(".")[2]) if name.startswith("model.layers.") else (

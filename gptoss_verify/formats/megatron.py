@@ -291,8 +291,8 @@ def _write_rank_files(src: Source, spec: ModelSpec, lay: Layout, iter_dir: Path,
             layers = lay.stage_layers(spec, s)
             ahead.reach(layers.start)
             for name in names:
-                if name.startswith("decoder.layers.") and name.endswith(".linear_qkv.layer_norm_weight"):
-                    ahead.reach(layers[int(name.split(".")[2])] + 1)  # a layer's first tensor
+                if name.startswith("decoder.layers."):  # in layer L: read L + 1 ahead (asked once)
+                    ahead.reach(layers[int(name.split(".")[2])] + 1)
                 copies: dict[tuple, list] = {}
                 for t, _, p in stage:
                     copies.setdefault(plans[(t, s, p)][name].copy_key(t, p), []).append((t, s, p))
@@ -612,8 +612,8 @@ def read(path: str | Path) -> tuple[ModelSpec, Stream]:
 
 class _Gather:
     """Pieces of one Megatron tensor from every file that holds them, copies checked bit-equal.
-    The other copies' bytes are read ahead while the first is loaded, and `warm_layer` reads a
-    whole layer ahead, so the disk keeps reading while the caller computes."""
+    The other copies' bytes are read ahead while the first is loaded, and `warm` reads whole
+    layers ahead, so the disk keeps reading while the caller computes."""
 
     def __init__(self, ck: Checkpoint):
         self.ck = ck
@@ -632,11 +632,8 @@ class _Gather:
                     "(replicated tensors must be bit-equal on every rank)")
         return loaded
 
-    def warm_layer(self, s: int, i: int) -> None:
-        """Read local layer i of stage s (every file of the stage) into the page cache."""
-        self.warm(s, (layer_prefix(i),))
-
     def warm(self, s: int, prefixes: tuple[str, ...]) -> None:
+        """Read the tensors of stage s whose names start with `prefixes` (every file) into the page cache."""
         self.ahead.warm((t.path, t.offset, t.nbytes) for key in self.ck.files if key[1] == s
                         for name, t in self.ck.model(key).items() if name.startswith(prefixes))
 
@@ -714,7 +711,8 @@ def _stream(ck: Checkpoint, dtype: torch.dtype) -> Iterator[tuple[str, torch.Ten
     def warm(layer: int) -> None:
         """Read global layer `layer` (the final norm and output layer after the last) ahead."""
         if layer < spec.num_layers:
-            g.warm_layer(*divmod(layer, per_stage))
+            s, i = divmod(layer, per_stage)
+            g.warm(s, (layer_prefix(i),))
         else:
             g.warm(S - 1, ("decoder.final_layernorm.", "output_layer."))
 

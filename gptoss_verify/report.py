@@ -11,7 +11,7 @@ import torch
 from tabulate import tabulate
 
 from . import __version__
-from .parity.tolerances import as_markdown_rows, dtype_name
+from .tolerances import as_markdown_rows, dtype_name
 
 TRUTH_RULE = (
     "**The truth rule.** In float64, ours and transformers must agree to 1e-12 (relative to the "
@@ -113,7 +113,7 @@ def parity_markdown(results: list, device: str = "cpu") -> str:
                 if x.mode == "teacher-forced" or x.point in ("resid_mlp", "logits") or not x.passed]
         lines += [table(rows, ["mode", "point", "rule", "ours", "oracle", "bound", "verdict",
                                "max abs vs oracle", "rel L2 vs oracle", "cosine", "max ULP"]), ""]
-    lines += ["## Tolerances", "", table(as_markdown_rows(), ["dtype", "rule", "limit / floor", "factor", "reason"]), ""]
+    lines += ["## Tolerances", "", table(as_markdown_rows(), ["dtype", "kind", "rule: measure", "limit / floor", "factor", "reason"]), ""]
     return "\n".join(lines)
 
 

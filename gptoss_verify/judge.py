@@ -118,17 +118,17 @@ def check(kind: str, dtype: torch.dtype | str, subject: torch.Tensor, truth: tor
     judge. `tokens` (bool over the leading dims) keeps only those tokens; `scale` replaces max|truth|
     for the `scale ≥ 1` measure; the arithmetic runs on `device` (default: the truth's)."""
     k = kind_of(kind)
+    if k.rule == TRUTH and reference is None:
+        raise ValueError(f"{kind}: the truth rule needs the plain reference's output in {dtype_name(dtype)}")
     measure = MEASURES[k.measure]
     excluded = 0
     if tokens is not None:
         excluded = int((~tokens).sum())
         subject, truth = subject[tokens], truth[tokens.to(truth.device)]
         reference = None if reference is None else reference[tokens.to(reference.device)]
-    if k.measure == "expert set agreement":
+    if k.measure == "expert set agreement":  # the tokens routed elsewhere are counted
         excluded += int((~metrics.same_expert_set(subject, truth)).sum())
     wide = _dtype(dtype)
     err = measure(subject, truth, wide, device, scale)
     ref_err = math.nan if reference is None else measure(reference, truth, wide, device, scale)
-    if k.rule == TRUTH and reference is None:
-        raise ValueError(f"{kind}: the truth rule needs the plain reference's output in {dtype_name(dtype)}")
     return verdict(kind, dtype, err, ref_err, excluded)

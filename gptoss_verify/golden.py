@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import platform
 import tempfile
 from pathlib import Path
@@ -20,11 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import judge, metrics
 from .config import TINY_VARIANTS, ModelSpec
 from .model import Transformer
-from .parity import metrics
-from .parity.tolerances import dtype_name, tolerance
 from .parity.trace import Trace
+from .tolerances import dtype_name
 from .weights import random_weights
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "golden"
@@ -202,14 +201,12 @@ def _judge(case: GoldenCase, side: str, stored: dict, points: list[str], logits:
                    key=lambda x: -x[1])[:5]
     exact = side == "oracle" or case.dtype == "float32"
     if exact:  # the oracle against itself; or float32, where ours and the oracle agree to ~1e-7
-        tol = tolerance(case.dtype, "golden")
-        err = metrics.rel_max_abs(logits.float(), golden)
-        return Drift(case.name, side, err <= tol.limit, f"max|Δlogit|/max|logit| = {err:.3g} (≤ {tol.limit:.3g})", moved)
-    tol = tolerance(case.dtype, "golden-kl")
-    kl = metrics.kl_next_token(golden, logits, "median")
+        v = judge.check("golden", case.dtype, logits.float(), golden)
+        return Drift(case.name, side, v.passed, f"max|Δlogit|/max|logit| = {v.error:.3g} (≤ {v.bound:.3g})", moved)
+    v = judge.check("golden-kl", case.dtype, logits, golden)
     agree = metrics.argmax_agreement(logits.double(), golden)
-    ok = kl <= tol.limit and not math.isnan(kl)
-    return Drift(case.name, side, ok, f"median KL = {kl:.3g} (≤ {tol.limit:.3g}), argmax agreement {agree:.1%}", moved)
+    return Drift(case.name, side, v.passed, f"median KL = {v.error:.3g} (≤ {v.bound:.3g}), argmax agreement {agree:.1%}",
+                 moved)
 
 
 def drift_report(results: list[Drift], manifest: dict) -> str:

@@ -11,15 +11,15 @@ import torch
 from tabulate import tabulate
 
 from . import __version__
-from .parity.tolerances import as_markdown_rows, dtype_name
+from .tolerances import as_markdown_rows, dtype_name, tolerance
 
 TRUTH_RULE = (
-    "**The truth rule.** In float64, ours and transformers must agree to 1e-12 (relative to the "
-    "tensor's largest value). In a low precision, our float64 reference fed the same inputs is the "
+    f"**The truth rule.** In float64, ours and transformers must agree to {tolerance('float64', 'oracle').limit:g} "
+    "(relative to the tensor's largest value). In a low precision, our float64 reference fed the same inputs is the "
     "truth: ours and transformers are each measured against it, and ours passes when its error is "
-    "at most 2x transformers' error plus a floor of about one unit in the last place (the rule of "
-    "flash-attention's tests). Teacher-forced rows feed each of our blocks the oracle's input of "
-    "that block, so the first failing row is where a bug is. Free-running rows run both models end "
+    f"at most {tolerance('bfloat16', 'truth').factor:g}x transformers' error plus a floor of about one unit in the "
+    "last place (the rule of flash-attention's tests). Teacher-forced rows feed each of our blocks the oracle's input "
+    "of that block, so the first failing row is where a bug is. Free-running rows run both models end "
     "to end; in a low precision their per-point errors are reported as drift and judged only on the "
     "next-token distributions (median KL).")
 
@@ -113,7 +113,7 @@ def parity_markdown(results: list, device: str = "cpu") -> str:
                 if x.mode == "teacher-forced" or x.point in ("resid_mlp", "logits") or not x.passed]
         lines += [table(rows, ["mode", "point", "rule", "ours", "oracle", "bound", "verdict",
                                "max abs vs oracle", "rel L2 vs oracle", "cosine", "max ULP"]), ""]
-    lines += ["## Tolerances", "", table(as_markdown_rows(), ["dtype", "rule", "limit / floor", "factor", "reason"]), ""]
+    lines += ["## Tolerances", "", table(as_markdown_rows(), ["dtype", "kind", "rule: measure", "limit / floor", "factor", "reason"]), ""]
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """The sharded trace against the unsharded model's, point by point in computation order.
 
 Float points: relative max error max|Δ| / max|reference| within the `sharded` tolerance of
-`parity/tolerances.py` (float64: 1e-12). `topk_idx`: the share of tokens whose chosen expert set
+`tolerances.py` (float64: 1e-12), judged by `judge.py` like every comparison. `topk_idx`: the share of tokens whose chosen expert set
 matches, against the `routing` tolerance (float64: every token). `logits`: the real vocabulary is
 compared; the padding columns Megatron computes must be exactly zero (zero padding rows).
 In a low precision the sharded and unsharded runs round differently (partial sums are rounded per
@@ -16,8 +16,9 @@ import dataclasses
 
 import torch
 
-from ..parity.tolerances import tolerance
+from ..judge import check
 from ..parity.trace import ordered_names
+from ..tolerances import tolerance
 
 
 @dataclasses.dataclass
@@ -30,20 +31,11 @@ class Row:
     note: str = ""
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    diff = float((a.double() - b.double()).abs().max())
-    scale = float(b.double().abs().max())
-    rel = diff / scale if scale > 0 else diff
-    return float("inf") if rel != rel else rel
-
-
 def compare(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], num_layers: int, vocab: int,
             dtype: torch.dtype, truth: dict[str, torch.Tensor] | None = None) -> list[Row]:
     """`truth`: the unsharded model's trace in float64 (low precisions only)."""
     rows: list[Row] = []
-    rule = tolerance(dtype, "truth") if truth is not None else None
     sharded = tolerance(dtype, "sharded").limit
-    routing = tolerance(dtype, "routing").limit
     for name in ordered_names(num_layers):
         if name not in ref:
             continue
@@ -63,21 +55,19 @@ def compare(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], num_lay
             rows.append(Row(name, float("nan"), sharded, False, "shape", f"{list(a.shape)} vs {list(b.shape)}"))
             continue
         if name.endswith("topk_idx"):
-            same = (a.sort(dim=-1).values == b.sort(dim=-1).values).all(dim=-1)
-            share = float(same.double().mean())
-            rows.append(Row(name, share, routing, share >= routing, "routing agreement",
-                            f"{int((~same).sum())} token(s) differ" if share < 1 else ""))
+            v = check("routing", dtype, a, b)
+            rows.append(Row(name, v.error, v.bound, v.passed, "routing agreement",
+                            f"{v.excluded} token(s) differ" if v.error < 1 else ""))
             continue
-        rel = _rel(a, b)
-        ok = rel <= sharded
-        if not ok and rule is not None and name in truth:
+        v = check("sharded", dtype, a, b)
+        ok = v.passed
+        if not ok and truth is not None and name in truth:
             t = truth[name][..., :vocab] if name == "logits" else truth[name]
-            mine, theirs = _rel(a, t), _rel(b, t)
-            bound = rule.factor * theirs + rule.limit
-            ok = mine <= bound
-            note = (f"truth rule: sharded {mine:.3g} vs float64, unsharded {theirs:.3g}; "
-                    f"bound {rule.factor:g}x + {rule.limit:.3g} = {bound:.3g}")
-        rows.append(Row(name, rel, sharded, ok, "relative max error", note))
+            rule = check("truth", dtype, a, t, b)
+            ok = rule.passed
+            note = (f"truth rule: sharded {rule.error:.3g} vs float64, unsharded {rule.reference:.3g}; "
+                    f"bound {rule.factor:g}x + {rule.limit:.3g} = {rule.bound:.3g}")
+        rows.append(Row(name, v.error, v.bound, ok, "relative max error", note))
     return rows
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..parity.tolerances import tolerance
+from ..tolerances import tolerance
 from ..report import environment, table, write_atomic
 from .launch import DTYPES, Case, CaseResult, Config, grid_of, run_here, spawn, under_torchrun
 
@@ -62,7 +62,7 @@ def markdown(result: CaseResult, cfg: Config) -> str:
              f"Megatron checkpoint: `{result.case.megatron_dir}`; reference: `{result.case.reference_dir}`; "
              f"{tp * ep * pp} ranks over `{cfg.backend}`; dtype {dtype}; batch {cfg.batch} x {cfg.seq} tokens "
              f"(seed {cfg.seed}).", "",
-             f"Tolerance (parity/tolerances.py): sharded {tolerance(dtype, 'sharded').limit:g} "
+             f"Tolerance (tolerances.py): sharded {tolerance(dtype, 'sharded').limit:g} "
              f"({tolerance(dtype, 'sharded').reason}); routing agreement >= {tolerance(dtype, 'routing').limit:g}."
              + ("" if dtype == "float64" else
                 f" Below float64 a point over the sharded limit still passes by the truth rule: its error against "

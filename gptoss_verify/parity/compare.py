@@ -3,7 +3,8 @@
 Teacher forcing feeds each of our layers the oracle's input of that layer, so a divergence is
 located at the first (layer, point) where it appears instead of being smeared over every later
 layer. In float64 ours and the oracle are compared directly. In a low precision our float64
-reference, fed the same inputs, is the truth, and `tolerances.py` says how close each must be.
+reference, fed the same inputs, is the truth; `judge.py` decides each point by the rows of
+`tolerances.py`.
 The truth is evaluated one layer at a time (`Float64Shadow`), so a full-width model never needs a
 float64 copy of all its weights.
 """
@@ -13,10 +14,10 @@ import dataclasses
 import math
 import torch
 
+from .. import metrics
+from ..judge import Verdict, check
 from ..model import faults
 from ..model.model import DecoderLayer, Transformer
-from . import metrics
-from .tolerances import dtype_name, tolerance
 from .trace import LAYER_POINTS, Trace, layer_name, ordered_names, split_name
 
 TEACHER, FREE = "teacher-forced", "free-running"
@@ -106,43 +107,27 @@ def compare_point(mode: str, name: str, ours: torch.Tensor, oracle: torch.Tensor
     """One or two rows for one point: the main rule, plus the rounding rule where it applies.
     `judged=False` reports the measures without a verdict (kind `drift`); `tokens` [B, S] bool
     restricts the comparison to those tokens; the arithmetic runs on `device`."""
-    dname = dtype_name(dtype)
     point = split_name(name)[1]
     if tokens is not None:
         ours, oracle = ours[tokens], oracle[tokens]
         truth = None if truth is None else truth[tokens]
     if not ours.is_floating_point():
-        agree = metrics.set_agreement(ours, oracle)
-        if not judged:
-            return [PointResult(mode, name, "drift", agree, math.nan, math.nan, True)]
-        tol = tolerance(dname, "routing")
-        return [PointResult(mode, name, "routing", agree, math.nan, tol.limit, agree >= tol.limit)]
+        return [_row(mode, name, check("routing", dtype, ours, oracle), judged)]
     vs_oracle = metrics.summarize(ours, oracle, dtype, device)
     stats = dict(max_abs=vs_oracle.max_abs, rel_l2=vs_oracle.rel_l2, cosine=vs_oracle.cosine,
                  max_ulp=vs_oracle.max_ulp)
     if truth is None:
-        tol = tolerance(dname, "oracle")
-        err = vs_oracle.rel_max_abs
-        return [PointResult(mode, name, "oracle", err, math.nan, tol.limit, _le(err, tol.limit), **stats)]
-    err = metrics.summarize(ours, truth, dtype, device).rel_max_abs
-    err_oracle = metrics.summarize(oracle, truth, dtype, device).rel_max_abs
-    if not judged:
-        return [PointResult(mode, name, "drift", err, err_oracle, math.nan, True, **stats)]
-    tol = tolerance(dname, "truth")
-    bound = tol.factor * err_oracle + tol.limit
-    rows = [PointResult(mode, name, "truth", err, err_oracle, bound, _le(err, bound), **stats)]
-    if mode == TEACHER and point in ROUNDED_ONCE and dtype in NARROW:
-        rtol = tolerance(dname, "rounding")
-        share = metrics.not_correctly_rounded_share(ours, truth, dtype)
-        rows.append(PointResult(mode, name, "rounding", share,
-                                metrics.not_correctly_rounded_share(oracle, truth, dtype),
-                                rtol.limit, _le(share, rtol.limit)))
+        return [_row(mode, name, check("oracle", dtype, ours, oracle, device=device), **stats)]
+    rows = [_row(mode, name, check("truth", dtype, ours, truth, oracle, device=device), judged, **stats)]
+    if judged and mode == TEACHER and point in ROUNDED_ONCE and dtype in NARROW:
+        rows.append(_row(mode, name, check("rounding", dtype, ours, truth, oracle)))
     return rows
 
 
-def _le(value: float, bound: float) -> bool:
-    """value ≤ bound, with NaN always failing."""
-    return not math.isnan(value) and value <= bound
+def _row(mode: str, name: str, v: Verdict, judged: bool = True, **stats: float) -> PointResult:
+    if not judged:  # drift: the measures, no verdict
+        return PointResult(mode, name, "drift", v.error, v.reference, math.nan, True, **stats)
+    return PointResult(mode, name, v.kind, v.error, v.reference, v.bound, v.passed, **stats)
 
 
 def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype: torch.dtype,
@@ -165,7 +150,7 @@ def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype
             if shadow:
                 shadow.layer_forward(i, x, start_pos, true, mlp_input=mid)
         idx = layer_name(i, "topk_idx")
-        same_choice = (mine[idx].sort(-1).values == oracle_trace[idx].sort(-1).values).all(-1)
+        same_choice = metrics.same_expert_set(mine[idx], oracle_trace[idx])
         excluded += int((~same_choice).sum())
         for point in LAYER_POINTS[1:]:
             name = layer_name(i, point)
@@ -216,11 +201,8 @@ class FreeRunning:
         return self.rows
 
     def _judge_logits(self, truth: torch.Tensor) -> None:
-        tol = tolerance(self.dtype, "free-logits")
-        kl = metrics.kl_next_token(truth, self.ours["logits"], "median", self.device)
-        kl_oracle = metrics.kl_next_token(truth, self.oracle["logits"], "median", self.device)
-        bound = tol.factor * kl_oracle + tol.limit
-        self.rows.append(PointResult(FREE, "logits", "free-logits", kl, kl_oracle, bound, _le(kl, bound)))
+        v = check("free-logits", self.dtype, self.ours["logits"], truth, self.oracle["logits"], device=self.device)
+        self.rows.append(_row(FREE, "logits", v))
         self._summarize_logits(truth)
 
     def _summarize_logits(self, reference: torch.Tensor) -> None:

@@ -6,10 +6,9 @@ import dataclasses
 import torch
 
 from ..config import ModelSpec
+from ..judge import check
 from ..model import Transformer
 from ..weights import random_weights
-from . import metrics
-from .tolerances import tolerance
 
 
 @dataclasses.dataclass
@@ -17,10 +16,7 @@ class GradientResult:
     name: str
     rel_l2: float
     bound: float
-
-    @property
-    def passed(self) -> bool:
-        return self.rel_l2 <= self.bound
+    passed: bool
 
 
 def compare_gradients(spec: ModelSpec, dtype: torch.dtype, seed: int = 0, profile: str = "typical",
@@ -37,10 +33,10 @@ def compare_gradients(spec: ModelSpec, dtype: torch.dtype, seed: int = 0, profil
     probe = torch.randn(batch, seq, spec.vocab_size, generator=gen, dtype=torch.float64).to(dtype)
     (ours(ids, offset) * probe).sum().backward()
     (oracle(ids, offset) * probe).sum().backward()
-    bound = tolerance(dtype, "gradient").limit
     ours_g = {n: p.grad for n, p in ours.named_parameters()}
     oracle_g = {n: p.grad for n, p in oracle.model.named_parameters()}
     missing = [n for n in base if ours_g.get(n) is None or oracle_g.get(n) is None]
     if missing:
         raise RuntimeError(f"no gradient reached {missing[0]}")
-    return [GradientResult(n, metrics.rel_l2(ours_g[n], oracle_g[n]), bound) for n in base]
+    verdicts = {n: check("gradient", dtype, ours_g[n], oracle_g[n]) for n in base}
+    return [GradientResult(n, v.error, v.bound, v.passed) for n, v in verdicts.items()]

@@ -6,10 +6,10 @@ import time
 
 import torch
 
+from .. import metrics
 from ..config import ModelSpec
 from ..model import Transformer, faults
 from ..weights import random_weights
-from . import metrics
 from .compare import (FREE, TEACHER, Float64Shadow, FreeRunning, PointResult, clamp_active_share,
                       first_divergence, router_tie_count, teacher_forced)
 from .trace import Trace

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gptoss_verify.config import PRESETS
+from gptoss_verify.metrics import ulp
 from gptoss_verify.model import Transformer
 from gptoss_verify.model.norm import rms_norm
 
@@ -32,13 +33,6 @@ def check_scale_law(norm, case: NormCase):
     return True
 
 
-def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of `dtype` at |x| (normal range), in float64."""
-    mant = torch.finfo(dtype).eps
-    tiny = torch.finfo(dtype).tiny
-    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(tiny)))) * mant
-
-
 def check_float32_inside(norm, case: NormCase, dtype=torch.bfloat16):
     """A bf16/fp16 input is normalised in float32 and rounded once: every output is within one ulp
     of the float64 result correctly rounded to `dtype`, and (double rounding through float32 aside,
@@ -49,7 +43,7 @@ def check_float32_inside(norm, case: NormCase, dtype=torch.bfloat16):
     want = truth(x, w, EPS)
     rounded = want.to(dtype).double()
     diff = (out.double() - rounded).abs()
-    far = diff > _ulp(rounded, dtype) * 1.0001
+    far = diff > ulp(rounded, dtype) * 1.0001
     assert not far.any(), f"{int(far.sum())} elements more than one ulp from the float64 result"
     off = int((diff > 0).sum())
     assert off <= 1 + out.numel() // 256, f"{off} of {out.numel()} elements differ from the once-rounded float64 result"

@@ -13,7 +13,7 @@ import torch
 from gptoss_verify.model.moe import count_router_ties
 
 from .backends import moe_backends, params, run_law
-from .numerics import TOL, assert_close
+from .numerics import assert_close, law_tolerance
 from .strategies import RouteCase, route_cases
 
 BACKENDS = moe_backends()
@@ -39,7 +39,7 @@ def truth_logits(case: RouteCase, dtype) -> torch.Tensor:
 
 def _untied_rows(logits: torch.Tensor, k: int, dtype) -> torch.Tensor:
     """Rows whose top-k boundary is clear of ties at the dtype's resolution (ties are reported elsewhere)."""
-    rel = 8 * TOL[dtype]
+    rel = 8 * law_tolerance(dtype)
     return torch.tensor([count_router_ties(row[None], k, rel_gap=rel) == 0 for row in logits], dtype=torch.bool)
 
 
@@ -90,7 +90,7 @@ def check_permutation_equivariant(moe_fn, case: RouteCase, dtype=torch.float64, 
         dense = torch.zeros(case.tokens, case.experts, dtype=torch.float64)
         return dense.scatter_(1, i, wts.double().cpu())
     same = by_expert(idx.cpu(), weights) - by_expert(old_of_new, weights2)
-    assert (same[clear].abs() <= 2 * TOL[dtype]).all(), "weights per expert change under relabelling"
+    assert (same[clear].abs() <= 2 * law_tolerance(dtype)).all(), "weights per expert change under relabelling"
     assert_close(out2[clear.to(out2.device)], out.double()[clear.to(out.device)], dtype, "output under relabelling",
                  scale=out.abs().max().item())
     return True

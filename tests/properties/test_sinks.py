@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from .backends import attention_backends, params, run_law
-from .numerics import TOL, assert_close
+from .numerics import assert_close, law_tolerance
 from .strategies import AttnCase, attn_cases, dense_attention, law_mask
 
 BACKENDS = attention_backends()
@@ -116,7 +116,7 @@ def check_huge_sinks_finite(attn, case: AttnCase, dtype=torch.float64, device="c
     # a low-precision score carries an absolute error ≈ eps·|s|, which moves the probabilities by as much
     spread = 1.0 + max(HUGE, scores.abs().max().item())
     err = (out.double().cpu() - truth).abs().max().item()
-    bound = 4 * TOL[dtype] * spread * v.abs().max().item()
+    bound = 4 * law_tolerance(dtype) * spread * v.abs().max().item()
     assert err <= bound, f"huge sinks: error {err:.3e} > {bound:.3e} in {dtype}"
     return True
 

@@ -2,7 +2,8 @@
 
 Every measure is computed in float64 so that the measurement adds no error of its own.
 `summarize` computes them all in one chunked pass on a chosen device, which is what full-width
-runs use (traces live on the CPU; the arithmetic runs on the GPU).
+runs use (traces live on the CPU; the arithmetic runs on the GPU). Which measure a comparison is
+judged by is the tolerance table's business (`tolerances.py`, applied by `judge.py`).
 """
 from __future__ import annotations
 
@@ -13,33 +14,11 @@ import torch
 MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
 
-def max_abs(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return summarize(a, ref, torch.float64).max_abs
-
-
-def rel_max_abs(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|a − ref| / max|ref|: a max error that does not depend on the tensor's units."""
-    return summarize(a, ref, torch.float64).rel_max_abs
-
-
-def rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return summarize(a, ref, torch.float64).rel_l2
-
-
-def cosine(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return summarize(a, ref, torch.float64).cosine
-
-
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of `dtype` at |x| (float64 tensor), down to the smallest normal's spacing."""
     finfo = torch.finfo(dtype)
     mag = x.abs().clamp_min(finfo.tiny)
     return torch.exp2(torch.floor(torch.log2(mag)) - MANTISSA_BITS[dtype])
-
-
-def max_ulp(a: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """Largest |a − ref| in units of `dtype`'s spacing at the reference value."""
-    return summarize(a, ref, dtype).max_ulp
 
 
 def not_correctly_rounded_share(a: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
@@ -50,10 +29,14 @@ def not_correctly_rounded_share(a: torch.Tensor, exact: torch.Tensor, dtype: tor
     return float(((a - exact).abs() > bound).double().mean()) if a.numel() else 0.0
 
 
+def same_expert_set(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
+    """Per token (bool, the indices' leading shape): are the chosen expert sets equal (order ignored)?"""
+    return (idx_a.sort(-1).values == idx_b.sort(-1).values.to(idx_a.device)).all(-1)
+
+
 def set_agreement(idx_a: torch.Tensor, idx_b: torch.Tensor) -> float:
     """Share of tokens whose chosen expert sets are equal (order ignored)."""
-    a, b = idx_a.sort(-1).values, idx_b.sort(-1).values
-    return float((a == b).all(-1).double().mean())
+    return float(same_expert_set(idx_a, idx_b).double().mean())
 
 
 def argmax_agreement(logits_a: torch.Tensor, logits_ref: torch.Tensor) -> float:
@@ -80,7 +63,7 @@ def kl_next_token(logits_ref: torch.Tensor, logits_a: torch.Tensor, reduce: str 
 def router_ties(logits: torch.Tensor, k: int, dtype: torch.dtype) -> int:
     """Tokens whose k-th and (k+1)-th largest router logits are within one `dtype` spacing:
     their expert choice is implementation-defined, so they are reported, not failed."""
-    from ..model.moe import count_router_ties
+    from .model.moe import count_router_ties
     return count_router_ties(logits, k, rel_gap=2.0 ** -MANTISSA_BITS[dtype])
 
 

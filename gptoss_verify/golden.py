@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .config import TINY_VARIANTS, ModelSpec
 from .model import Transformer
 from .parity import metrics
-from .parity.tolerances import dtype_name, tolerance
+from .parity.tolerances import tolerance
 from .parity.trace import Trace
 from .weights import random_weights
 
@@ -226,5 +226,4 @@ def drift_report(results: list[Drift], manifest: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["CASES", "GoldenCase", "GoldenError", "regenerate", "check", "drift_report", "load_manifest",
-           "dtype_name"]
+__all__ = ["CASES", "GoldenCase", "GoldenError", "regenerate", "check", "drift_report", "load_manifest"]

@@ -11,7 +11,8 @@ import torch
 from tabulate import tabulate
 
 from . import __version__
-from .parity.tolerances import as_markdown_rows, dtype_name
+from .dtypes import dtype_name
+from .parity.tolerances import as_markdown_rows
 
 TRUTH_RULE = (
     "**The truth rule.** In float64, ours and transformers must agree to 1e-12 (relative to the "

@@ -16,7 +16,8 @@ import torch
 from ..model import faults
 from ..model.model import DecoderLayer, Transformer
 from . import metrics
-from .tolerances import dtype_name, tolerance
+from ..dtypes import dtype_name
+from .tolerances import tolerance
 from .trace import LAYER_POINTS, Trace, layer_name, ordered_names, split_name
 
 TEACHER, FREE = "teacher-forced", "free-running"

@@ -23,6 +23,8 @@ import dataclasses
 
 import torch
 
+from ..dtypes import dtype_name
+
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
@@ -56,10 +58,6 @@ TABLE: dict[tuple[str, str], Tolerance] = {
     (_BF16, "golden"): Tolerance(2.0 ** -5, reason="the oracle's stored bf16 logits vs a rerun: a few bf16 ulps of the scale"),
     (_BF16, "golden-kl"): Tolerance(5e-3, reason="ours vs the oracle's bf16 goldens: two bf16 paths differ (measured 1.5e-4 to 5.4e-4)"),
 }
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def tolerance(dtype: torch.dtype | str, kind: str) -> Tolerance:

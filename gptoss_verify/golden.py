@@ -166,6 +166,10 @@ def load_manifest(golden_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise GoldenError(f"{path}: no golden manifest (run `gptoss-verify golden regenerate`)") from None
+    except (OSError, ValueError) as err:
+        raise GoldenError(f"{path}: cannot read the golden manifest ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("cases"), dict):
+        raise GoldenError(f"{path}: expected a JSON object with a 'cases' object")
     for name, entry in manifest["cases"].items():
         file = Path(golden_dir) / entry["file"]
         if not file.exists():

@@ -158,3 +158,14 @@ def test_the_installed_entry_point_exits_with_the_code(files):
     assert status("--help") == 0
     assert status("convert", "--no-such-option") == 2
     assert status("inspect", files.tmp / "missing") == 1
+
+
+def test_building_the_parser_imports_neither_transformers_nor_triton():
+    """Every command module is imported to build the parser: `commands/__init__.py` asks them to
+    keep transformers and triton inside `run`."""
+    code = ("import sys\n"
+            "from gptoss_verify.cli import build_parser\n"
+            "build_parser()\n"
+            "heavy = sorted({'transformers', 'triton'} & set(sys.modules))\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import TINY_VARIANTS, ModelSpec
+from .dtypes import DTYPES
 from .model import Transformer
 from .parity import metrics
 from .parity.tolerances import tolerance
@@ -54,7 +55,7 @@ class GoldenCase:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        return DTYPES[self.dtype]
 
     def tokens(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(1000 + self.seed)

@@ -1,48 +1,44 @@
-"""`gptoss-verify`: one entry point, one module per subcommand.
+"""`gptoss-verify`: build the parser from the command modules and map outcomes to exit codes.
 
-Each module in `COMMANDS` defines `add_arguments(parser)` and `run(args) -> int` (0 ok, 1 a
-check failed). Bad usage exits 2 (argparse); a bad input raises a `UserError` or one of the
-project's `*Error` types, printed as one line on stderr with exit 1.
+Exit codes, for every subcommand:
+    0  checked and passed
+    1  checked and failed, or bad input data (one line on stderr naming file, tensor or field)
+    2  usage error (argparse)
+The commands live in `gptoss_verify/commands/` (see its docstring for how to add one).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# subcommand -> (module, one-line help). Keep imports inside modules light: transformers and
-# triton are imported only when a command needs them.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "parity": ("gptoss_verify.parity.cli", "compare our model with transformers layer by layer"),
-    "golden": ("gptoss_verify.golden_cli", "regenerate the golden logits, or check ours / transformers against them"),
-    "make-checkpoint": ("gptoss_verify.commands.make_checkpoint", "write a synthetic checkpoint in a published layout"),
-    "inspect": ("gptoss_verify.commands.inspect_checkpoint", "detect a checkpoint's layout and check every tensor"),
-    "convert": ("gptoss_verify.commands.convert_checkpoint", "convert a checkpoint between layouts"),
-    "roundtrip": ("gptoss_verify.commands.roundtrip_checkpoint", "convert there and back, compare bit for bit"),
-    "sharded-forward": ("gptoss_verify.distributed.cli", "run Megatron shards over torch.distributed, compare with the unsharded model"),
-}
+from .commands import registered
 
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit 1."""
+# bad input data: the project's own errors are ValueErrors whose message names file, tensor or
+# field; OSError covers a path that is missing, unreadable or in the way
+INPUT_ERRORS = (ValueError, KeyError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptoss-verify", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gptoss-verify", description="Check a GPT-OSS implementation, its checkpoints and its goldens.",
+        epilog="exit status: 0 checked and passed; 1 checked and failed, or bad input data; 2 usage error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
+    for name, mod in registered().items():
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one subcommand; returns its exit code (argparse's 2 for a usage error, 0 for --help)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse has printed the usage and the error
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return int(args._run(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except INPUT_ERRORS as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"gptoss-verify {args.command}: error: {msg}", file=sys.stderr)
         return 1

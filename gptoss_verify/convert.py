@@ -329,9 +329,9 @@ def _pair_mxfp4(wa: dict[str, torch.Tensor], wb: dict[str, torch.Tensor], diffs:
 
 
 def tensor_diff(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff:
-    from .formats.safetensors_io import dtype_name
+    from .formats.safetensors_io import dtype_code
     if a.shape != b.shape or a.dtype != b.dtype:
-        return TensorDiff(name, tuple(a.shape), f"{dtype_name(a.dtype)} vs {dtype_name(b.dtype)} {list(b.shape)}",
+        return TensorDiff(name, tuple(a.shape), f"{dtype_code(a.dtype)} vs {dtype_code(b.dtype)} {list(b.shape)}",
                           a.numel() * a.element_size(), float("inf"), False)
     exact = torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)) if a.numel() else True
     if exact:
@@ -340,7 +340,7 @@ def tensor_diff(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff:
         diff = float((a.double() - b.double()).abs().nan_to_num(float("inf")).max())
     else:
         diff = float((a.long() - b.long()).abs().max())
-    return TensorDiff(name, tuple(a.shape), dtype_name(a.dtype), a.numel() * a.element_size(), diff, exact)
+    return TensorDiff(name, tuple(a.shape), dtype_code(a.dtype), a.numel() * a.element_size(), diff, exact)
 
 
 # ---- report ---------------------------------------------------------------------------------------

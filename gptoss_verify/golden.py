@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from . import judge, metrics
 from .config import TINY_VARIANTS, ModelSpec
+from .dtypes import DTYPES
 from .model import Transformer
 from .parity.trace import Trace
-from .tolerances import dtype_name
+from .dtypes import dtype_name
 from .weights import random_weights
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "golden"
@@ -53,7 +54,7 @@ class GoldenCase:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        return DTYPES[self.dtype]
 
     def tokens(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(1000 + self.seed)
@@ -165,6 +166,10 @@ def load_manifest(golden_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise GoldenError(f"{path}: no golden manifest (run `gptoss-verify golden regenerate`)") from None
+    except (OSError, ValueError) as err:
+        raise GoldenError(f"{path}: cannot read the golden manifest ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("cases"), dict):
+        raise GoldenError(f"{path}: expected a JSON object with a 'cases' object")
     for name, entry in manifest["cases"].items():
         file = Path(golden_dir) / entry["file"]
         if not file.exists():
@@ -223,5 +228,4 @@ def drift_report(results: list[Drift], manifest: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["CASES", "GoldenCase", "GoldenError", "regenerate", "check", "drift_report", "load_manifest",
-           "dtype_name"]
+__all__ = ["CASES", "GoldenCase", "GoldenError", "regenerate", "check", "drift_report", "load_manifest"]

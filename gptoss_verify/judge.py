@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from . import metrics
-from .tolerances import AT_LEAST, AT_MOST, TRUTH, dtype_name, kind as kind_of, tolerance
+from .dtypes import dtype_name
+from .tolerances import AT_LEAST, AT_MOST, TRUTH, kind as kind_of, tolerance
 
 
 @dataclasses.dataclass(frozen=True)

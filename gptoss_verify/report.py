@@ -11,7 +11,8 @@ import torch
 from tabulate import tabulate
 
 from . import __version__
-from .tolerances import as_markdown_rows, dtype_name, tolerance
+from .dtypes import dtype_name
+from .tolerances import as_markdown_rows, tolerance
 
 TRUTH_RULE = (
     f"**The truth rule.** In float64, ours and transformers must agree to {tolerance('float64', 'oracle').limit:g} "

@@ -20,6 +20,8 @@ import dataclasses
 
 import torch
 
+from .dtypes import dtype_name
+
 AT_MOST, AT_LEAST, TRUTH = "at most", "at least", "truth"
 ANY = "any"  # a row that holds in every dtype
 
@@ -92,10 +94,6 @@ TABLE: dict[tuple[str, str], Tolerance] = {
     (_F16, "law"): Tolerance(4e-3, reason="fp16: about four ulps (2^-10 each) through a softmax or matmul"),
     (_BF16, "law"): Tolerance(3e-2, reason="bf16: about four ulps (2^-7 each) through a softmax or matmul"),
 }
-
-
-def dtype_name(dtype: torch.dtype | str) -> str:
-    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
 def kind(name: str) -> Kind:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from gptoss_verify.config import preset
+from gptoss_verify.dtypes import dtype_name
 from gptoss_verify.model.faults import FAULTS
 from gptoss_verify.parity.run import ParityCase, run_case
 from gptoss_verify.report import table
@@ -22,7 +23,7 @@ def main() -> None:
         for dtype, profile in CASES:
             fd = run_case(ParityCase(preset("tiny"), dtype, profile, faults=(fault,))).first_divergence
             if fd is not None:
-                seen.append(f"{str(dtype).removeprefix('torch.')}/{profile}: `{fd.name}` {fd.kind} "
+                seen.append(f"{dtype_name(dtype)}/{profile}: `{fd.name}` {fd.kind} "
                             f"{fd.measure:.2g} (bound {fd.bound:.2g})")
         rows.append((f"`{fault}`", shipped, f"`{expected}`", "<br>".join(seen) or "**unseen**"))
     print(table(rows, ["fault", "what it is / where it shipped", "expected point", "caught (case: point, rule, miss)"]))

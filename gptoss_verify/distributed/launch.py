@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..dtypes import DTYPES
 from ..formats import megatron
 from ..parity.trace import Trace
 from .check import Row, compare, first_failure
 from .grid import Grid, make_groups
 from .sharded import Stage
-
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass

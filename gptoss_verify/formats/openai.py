@@ -23,7 +23,7 @@ from . import canonical
 from .canonical import Stream, TensorTable
 from .errors import CheckpointError
 from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, PlannedWriter, SafetensorsDir, TensorInfo,
-                             atomic_directory, dtype_name, plan_shards, write_json)
+                             atomic_directory, dtype_code, plan_shards, write_json)
 
 NAME = "openai"
 CONFIG = "config.json"
@@ -209,4 +209,4 @@ def _published_dtype(name: str, dtype: torch.dtype) -> str:
         return "FP4"
     if name.endswith(".scales"):
         return "UE8"
-    return dtype_name(dtype)
+    return dtype_code(dtype)

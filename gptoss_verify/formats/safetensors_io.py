@@ -35,19 +35,20 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size "5GB"
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
-DTYPES: dict[str, torch.dtype] = {
+DTYPE_CODES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
     "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
     "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_CODE_OF: dict[torch.dtype, str] = {v: k for k, v in DTYPE_CODES.items()}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors spelling of a torch dtype (BF16, U8, F32, ...)."""
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code of a torch dtype (BF16, U8, F32, ...): the file's spelling, not the
+    package's (that is `gptoss_verify.dtypes.dtype_name`)."""
     try:
-        return DTYPE_NAMES[dtype]
+        return _CODE_OF[dtype]
     except KeyError:
         raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from None
 
@@ -95,7 +96,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     spans = []
     for name, entry in header.items():
         try:
-            dtype = DTYPES[entry["dtype"]]
+            dtype = DTYPE_CODES[entry["dtype"]]
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -283,7 +284,7 @@ class PlannedWriter:
                 if name in self.slots or name in header:
                     raise CheckpointError(f"{self.directory}: tensor {name} planned twice")
                 nbytes = math.prod(shape) * dtype.itemsize
-                header[name] = {"dtype": dtype_name(dtype), "shape": list(shape),
+                header[name] = {"dtype": dtype_code(dtype), "shape": list(shape),
                                 "data_offsets": [offset, offset + nbytes]}
                 offsets.append(offset)
                 offset += nbytes
@@ -305,7 +306,7 @@ class PlannedWriter:
         if name in self.written:
             raise CheckpointError(f"{self.directory}: tensor {name} given twice")
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise CheckpointError(f"{self.directory}: tensor {name}: expected {dtype_name(dtype)} {list(shape)}, "
+            raise CheckpointError(f"{self.directory}: tensor {name}: expected {dtype_code(dtype)} {list(shape)}, "
                                   f"got {tensor.dtype} {list(tensor.shape)}")
         f = self.files[file_no]
         if tensor.numel():

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import layout as layouts
 from .canonical import TensorTable
 from .errors import CheckpointError
-from .safetensors_io import dtype_name
+from .safetensors_io import dtype_code
 
 E8M0_NAN = 255
 
@@ -68,7 +68,7 @@ class InspectResult:
 
 def _fmt(shape, dtype) -> str:
     try:
-        name = dtype_name(dtype)
+        name = dtype_code(dtype)
     except CheckpointError:
         name = str(dtype)
     return f"{name} {list(shape)}"
@@ -188,4 +188,4 @@ def _layout_values(mod, path: Path, actual: Mapping):
 
 
 def _jsonable(opts: dict) -> dict:
-    return {k: (dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in opts.items()}
+    return {k: (dtype_code(v) if isinstance(v, torch.dtype) else v) for k, v in opts.items()}

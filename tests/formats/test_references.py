@@ -14,7 +14,7 @@ import pytest
 
 from gptoss_verify.config import ModelSpec, preset
 from gptoss_verify.formats import hf, openai
-from gptoss_verify.formats.safetensors_io import dtype_name
+from gptoss_verify.formats.safetensors_io import dtype_code
 
 REFS = Path(__file__).resolve().parents[2] / "references"
 PUBLISHED = {"gpt-oss-20b": (459, 13761264768), "gpt-oss-120b": (687, 65248815744)}
@@ -52,7 +52,7 @@ def _manifest(model: str, kind: str) -> dict:
 
 
 def _ours(table) -> dict:
-    return {n: (tuple(s), dtype_name(d)) for n, (s, d) in table.items()}
+    return {n: (tuple(s), dtype_code(d)) for n, (s, d) in table.items()}
 
 
 @pytest.mark.parametrize("model", sorted(PUBLISHED))

@@ -28,7 +28,7 @@ def sources(tmp_path_factory):
     for toy, spec in TOYS.items():
         cfg = root / f"{toy}.json"
         cfg.write_text(json.dumps(spec.to_hf_config()))
-        for kind, extra in (("bf16", []), ("mxfp4", ["--mxfp4"]), ("openai", ["--format", "openai", "--mxfp4"])):
+        for kind, extra in (("bf16", []), ("mxfp4", ["--mxfp4"]), ("openai", ["--to", "openai", "--mxfp4"])):
             path = root / f"{toy}-{kind}"
             assert cli("make-checkpoint", path, "--config", cfg, "--seed", 11, *extra) == 0
             out[toy, kind] = path
@@ -72,9 +72,11 @@ def test_roundtrip_cli_writes_a_report(sources, tmp_path, capsys):
     assert "PASS: 79/79 tensors bit-exact" in capsys.readouterr().out
 
 
-def test_inspect_json(sources, capsys):
-    assert cli("inspect", sources["nonsquare", "openai"], "--json", "--scan") == 0
-    doc = json.loads(capsys.readouterr().out)
+@pytest.mark.parametrize("to_stdout", [False, True])
+def test_inspect_json(sources, capsys, tmp_path, to_stdout):
+    target = "-" if to_stdout else tmp_path / "inspect.json"
+    assert cli("inspect", sources["nonsquare", "openai"], "--json", target, "--scan") == 0
+    doc = json.loads(capsys.readouterr().out if to_stdout else target.read_text())
     assert doc["layout"] == "openai" and doc["ok"] and doc["tensors"] == 3 + 15 * 4
     assert doc["options"] == {"mxfp4": True, "dtype": "BF16"} and len(doc["mxfp4_scale_ranges"]) == 8
     assert all(r["min_exponent"] <= r["max_exponent"] < 128 for r in doc["mxfp4_scale_ranges"])

@@ -9,7 +9,7 @@ from gptoss_verify.cli import main
 @pytest.mark.parametrize("fmt,mxfp4", [("hf", True), ("hf", False), ("openai", True)])
 def test_parity_on_a_written_checkpoint(tmp_path, fmt, mxfp4):
     ckpt = tmp_path / "ckpt"
-    args = ["make-checkpoint", str(ckpt), "--preset", "tiny", "--seed", "11", "--format", fmt]
+    args = ["make-checkpoint", str(ckpt), "--preset", "tiny", "--seed", "11", "--to", fmt]
     assert main(args + (["--mxfp4"] if mxfp4 else [])) == 0
     report = tmp_path / "parity.md"
     assert main(["parity", "--checkpoint", str(ckpt), "--dtype", "float64", "--seq", "24",

@@ -4,7 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import golden
+from .. import golden
+from . import options
+
+NAME = "golden"
+HELP = "regenerate the golden logits, or check ours / transformers against them"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,25 +17,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the golden folder (default: golden/ in the project)")
     p.add_argument("--against", choices=["ours", "oracle", "both"], default="ours",
                    help="check our model (no transformers needed), the transformers oracle, or both")
-    p.add_argument("--report", metavar="PATH", help="write the drift report here (markdown)")
+    options.add_report(p)
+    options.add_json(p)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.action == "regenerate":
         golden.regenerate(args.dir)
         print(f"goldens written to {args.dir}")
         return 0
-    try:
-        manifest = golden.load_manifest(args.dir)
-        sides = ["ours", "oracle"] if args.against == "both" else [args.against]
-        results = [r for side in sides for r in golden.check(args.dir, side)]
-    except golden.GoldenError as err:
-        print(f"gptoss-verify golden: error: {err}", file=sys.stderr)
-        return 1
-    text = golden.drift_report(results, manifest)
-    if args.report:
-        from .report import write_atomic
-        write_atomic(args.report, text)
+    manifest = golden.load_manifest(args.dir)
+    sides = ["ours", "oracle"] if args.against == "both" else [args.against]
+    results = [r for side in sides for r in golden.check(args.dir, side)]
+    options.write_report(args.report, golden.drift_report(results, manifest))
+    options.write_json(args.json, {"passed": all(r.passed for r in results), "cases": results})
     bad = [r for r in results if not r.passed]
     for r in bad:
         print(f"DRIFT {r.side} {r.case}: {r.measure}", file=sys.stderr)

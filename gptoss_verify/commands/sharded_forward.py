@@ -7,26 +7,29 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..distributed.launch import Case, CaseResult, Config, grid_of, run_here, spawn, under_torchrun
+from ..report import environment, table
 from ..tolerances import tolerance
-from ..report import environment, table, write_atomic
-from .launch import DTYPES, Case, CaseResult, Config, grid_of, run_here, spawn, under_torchrun
+from . import options
+
+NAME = "sharded-forward"
+HELP = "run Megatron shards over torch.distributed, compare with the unsharded model"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("megatron_dir", help="a Megatron legacy checkpoint (gptoss-verify convert --to megatron)")
     p.add_argument("--reference", required=True, help="the HF checkpoint it was converted from")
     p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float64")
-    p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
-    p.add_argument("--batch", type=int, default=2)
+    options.add_dtype(p, default="float64")
+    p.add_argument("--seq", type=options.positive_int, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--batch", type=options.positive_int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seed of the random input tokens")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait")
-    p.add_argument("--report", help="write the markdown report here")
+    options.add_report(p)
+    options.add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.seq < 1 or args.batch < 1:
-        raise ValueError(f"--seq and --batch must be positive, got {args.seq} and {args.batch}")
     cfg = Config([Case(args.megatron_dir, args.reference, args.dtype)], backend=args.backend, seq=args.seq,
                  batch=args.batch, seed=args.seed, timeout_s=args.timeout)
     if under_torchrun():
@@ -37,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
         grid_of(args.megatron_dir)  # a bad checkpoint fails here, before any process starts
         results = spawn(cfg)
     result = results[0]
-    text = markdown(result, cfg)
-    if args.report:
-        write_atomic(args.report, text)
+    options.write_report(args.report, markdown(result, cfg))
+    options.write_json(args.json, {"passed": result.ok, "grid": result.grid, "case": result.case,
+                                   "rows": result.rows})
     bad = result.first_failure
     if bad is None:
         worst = max((r.measure for r in result.rows if r.kind == "relative max error"), default=0.0)

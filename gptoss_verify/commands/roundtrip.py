@@ -8,27 +8,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..convert import roundtrip, roundtrip_markdown
-from ..formats.layout import LAYOUTS
-from ..report import write_atomic
-from .convert_checkpoint import add_parallel_arguments
+from . import options
+
+NAME = "roundtrip"
+HELP = "convert there and back, compare bit for bit"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", type=Path)
-    p.add_argument("--via", required=True, choices=sorted(LAYOUTS))
-    add_parallel_arguments(p)
-    p.add_argument("--report", type=Path, help="write the markdown report here")
+    options.add_layout(p, "via", required=True, help="the layout passed through")
+    options.add_parallel(p)
+    options.add_report(p)
+    options.add_json(p)
     p.add_argument("--work-dir", type=Path, help="where the intermediate checkpoints go (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the intermediate checkpoints")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = roundtrip(args.src, args.via, tp=args.tp, ep=args.ep, pp=args.pp, pad_vocab=args.pad_vocab,
+    from ..convert import roundtrip, roundtrip_markdown
+    result = roundtrip(args.src, args.via_layout, tp=args.tp, ep=args.ep, pp=args.pp, pad_vocab=args.pad_vocab,
                        work_dir=args.work_dir, keep=args.keep, progress=True)
-    text = roundtrip_markdown(result)
-    if args.report:
-        write_atomic(args.report, text)
+    options.write_report(args.report, roundtrip_markdown(result))
+    options.write_json(args.json, {"passed": result.ok} | options.plain(result))
     for leg in result.legs:
         print(f"{leg.src_layout} -> {leg.dst_layout}: {leg.tensors} tensors, {leg.seconds:.2f} s, "
               f"{leg.gb_per_s:.2f} GB/s, peak RSS {leg.peak_rss_bytes / 2**20:.0f} MiB")

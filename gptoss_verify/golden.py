@@ -24,7 +24,7 @@ from .config import TINY_VARIANTS, ModelSpec
 from .model import Transformer
 from .parity import metrics
 from .parity.tolerances import dtype_name, tolerance
-from .parity.trace import Trace
+from .trace import Trace
 from .weights import random_weights
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "golden"

@@ -17,7 +17,7 @@ import dataclasses
 import torch
 
 from ..parity.tolerances import tolerance
-from ..parity.trace import ordered_names
+from ..trace import ordered_names
 
 
 @dataclasses.dataclass

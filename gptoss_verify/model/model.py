@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import ModelSpec
-from ..parity.trace import Trace, layer_name, record
+from ..trace import Trace, layer_name, record
 from . import attention as attention_ref
 from . import moe as moe_ref
 from .attention import LayerCache

@@ -17,7 +17,7 @@ from ..model import faults
 from ..model.model import DecoderLayer, Transformer
 from . import metrics
 from .tolerances import dtype_name, tolerance
-from .trace import LAYER_POINTS, Trace, layer_name, ordered_names, split_name
+from ..trace import LAYER_POINTS, Trace, layer_name, ordered_names, split_name
 
 TEACHER, FREE = "teacher-forced", "free-running"
 # Points computed in float32 from the teacher-forced input itself and rounded once.

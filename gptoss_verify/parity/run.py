@@ -12,7 +12,7 @@ from ..weights import random_weights
 from . import metrics
 from .compare import (FREE, TEACHER, Float64Shadow, FreeRunning, PointResult, clamp_active_share,
                       first_divergence, router_tie_count, teacher_forced)
-from .trace import Trace
+from ..trace import Trace
 
 
 @dataclasses.dataclass

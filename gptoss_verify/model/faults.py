@@ -60,16 +60,20 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 
 # ---- attention --------------------------------------------------------------------------------
-def _window_off_by(delta: int) -> Callable:
-    def attention_window(q, k, v, sinks, *, window, q_start=0, k_start=0):
-        return attention.attention(q, k, v, sinks, window=None if window is None else window + delta,
-                                   q_start=q_start, k_start=k_start)
-    attention_window.__doc__ = f"Sliding layers see W {delta:+d} keys."
-    return attention_window
+def attention_window_plus_one(q, k, v, sinks, *, window, q_start=0, k_start=0):
+    """Sliding layers see W + 1 keys."""
+    return attention.attention(q, k, v, sinks, window=None if window is None else window + 1,
+                               q_start=q_start, k_start=k_start)
+
+
+def attention_window_minus_one(q, k, v, sinks, *, window, q_start=0, k_start=0):
+    """Sliding layers see W − 1 keys."""
+    return attention.attention(q, k, v, sinks, window=None if window is None else window - 1,
+                               q_start=q_start, k_start=k_start)
 
 
 def attention_sink_scaled(q, k, v, sinks, *, window, q_start=0, k_start=0):
-    """The sink multiplied by the 1/√D score scale like a score."""
+    """The sink multiplied by the 1/√D score scale like a score (in the scores' dtype)."""
     return attention.attention(q, k, v, sinks.to(q.dtype) * q.shape[-1] ** -0.5, window=window,
                                q_start=q_start, k_start=k_start)
 
@@ -153,9 +157,9 @@ def _moe(route=moe.route, experts=moe.experts) -> Callable:
 # ---- the zoo ----------------------------------------------------------------------------------
 FAULTS: dict[str, Fault] = {
     "window-129": Fault("attn_core", "sliding window of W+1 keys: transformers #39408, mlx-lm #390",
-                        attention.attention, _window_off_by(+1)),
+                        attention.attention, attention_window_plus_one),
     "window-127": Fault("attn_core", "sliding window of W-1 keys: Megatron-Bridge #2656 inverse",
-                        attention.attention, _window_off_by(-1)),
+                        attention.attention, attention_window_minus_one),
     "sink-scaled": Fault("attn_core", "sink multiplied by the 1/sqrt(D) score scale",
                          attention.attention, attention_sink_scaled),
     "sink-dropped": Fault("attn_core", "sink column left out of the softmax: TransformerEngine #2541",

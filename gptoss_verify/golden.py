@@ -20,11 +20,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import judge, metrics
+from .backends import block_functions
 from .config import TINY_VARIANTS, ModelSpec
 from .dtypes import DTYPES
 from .model import Transformer
-from .parity.trace import Trace
 from .dtypes import dtype_name
+from .trace import Trace
 from .weights import random_weights
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "golden"
@@ -95,9 +96,9 @@ def _oracle_outputs(case: GoldenCase) -> tuple[torch.Tensor, Trace]:
     return logits, trace
 
 
-def _our_outputs(case: GoldenCase) -> tuple[torch.Tensor, Trace]:
+def _our_outputs(case: GoldenCase, faults: tuple[str, ...] = ()) -> tuple[torch.Tensor, Trace]:
     state = random_weights(case.spec, case.seed, case.profile, case.torch_dtype)
-    model = Transformer.from_state_dict(case.spec, state)
+    model = Transformer.from_state_dict(case.spec, state, block_functions("reference", faults))
     ids, trace = case.tokens(), Trace()
     with torch.no_grad():
         if case.decode_from is None:
@@ -180,8 +181,9 @@ def load_manifest(golden_dir: str | Path) -> dict:
     return manifest
 
 
-def check(golden_dir: str | Path = DEFAULT_DIR, side: str = "ours") -> list[Drift]:
-    """Compare `side` (ours | oracle) with every golden case."""
+def check(golden_dir: str | Path = DEFAULT_DIR, side: str = "ours", faults: tuple[str, ...] = ()) -> list[Drift]:
+    """Compare `side` (ours | oracle) with every golden case; `faults` (bug-zoo names) are
+    injected into ours, to show that the check sees them."""
     manifest = load_manifest(golden_dir)
     results = []
     for name, entry in manifest["cases"].items():
@@ -191,7 +193,7 @@ def check(golden_dir: str | Path = DEFAULT_DIR, side: str = "ours") -> list[Drif
         from safetensors import safe_open
         with safe_open(str(Path(golden_dir) / entry["file"]), "pt") as f:
             points = json.loads(f.metadata()["points"])
-        logits, trace = _our_outputs(case) if side == "ours" else _oracle_outputs(case)
+        logits, trace = _our_outputs(case, faults) if side == "ours" else _oracle_outputs(case)
         results.append(_judge(case, side, stored, points, logits, trace))
     return results
 

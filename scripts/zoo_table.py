@@ -18,14 +18,14 @@ CASES = [(torch.float64, "typical"), (torch.bfloat16, "typical"), (torch.float64
 
 def main() -> None:
     rows = []
-    for fault, (shipped, expected) in FAULTS.items():
+    for fault, entry in FAULTS.items():
         seen = []
         for dtype, profile in CASES:
             fd = run_case(ParityCase(preset("tiny"), dtype, profile, faults=(fault,))).first_divergence
             if fd is not None:
                 seen.append(f"{dtype_name(dtype)}/{profile}: `{fd.name}` {fd.kind} "
                             f"{fd.measure:.2g} (bound {fd.bound:.2g})")
-        rows.append((f"`{fault}`", shipped, f"`{expected}`", "<br>".join(seen) or "**unseen**"))
+        rows.append((f"`{fault}`", entry.history, f"`{entry.point}`", "<br>".join(seen) or "**unseen**"))
     print(table(rows, ["fault", "what it is / where it shipped", "expected point", "caught (case: point, rule, miss)"]))
 
 

@@ -32,8 +32,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..backends import block_functions
     from ..parity.run import ParityCase, run_case
     from ..report import parity_json, parity_markdown
+
+    try:  # two faults that replace the same block function cannot be combined: a usage error
+        block_functions(args.backend, tuple(args.inject))
+    except ValueError as err:
+        print(f"gptoss-verify parity: error: --inject: {err}", file=sys.stderr)
+        return 2
 
     if args.checkpoint is not None:
         spec, state = options.load_checkpoint(args.checkpoint, args.layers)

@@ -17,8 +17,8 @@ import dataclasses
 import torch
 
 from ..judge import check
-from ..parity.trace import ordered_names
 from ..tolerances import tolerance
+from ..trace import ordered_names
 
 
 @dataclasses.dataclass

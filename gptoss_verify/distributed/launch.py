@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..dtypes import DTYPES
 from ..formats import megatron
-from ..parity.trace import Trace
+from ..trace import Trace
 from .check import Row, compare, first_failure
 from .grid import Grid, make_groups
 from .sharded import Stage

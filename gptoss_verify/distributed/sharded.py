@@ -25,7 +25,7 @@ from ..model.attention import attention
 from ..model.moe import route, swiglu
 from ..model.norm import compute_dtype, rms_norm
 from ..model.rope import apply_rope, cos_sin
-from ..parity.trace import Trace, layer_name
+from ..trace import Trace, layer_name
 from .grid import Grid, Groups
 
 

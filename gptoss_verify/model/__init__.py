@@ -1,2 +1,2 @@
-"""Our GPT-OSS implementation in plain torch, written from SPEC.md. Never imports transformers."""
-from .model import BACKENDS, Transformer  # noqa: F401
+"""Our GPT-OSS implementation in plain torch. Never imports transformers, the kernels or parity."""
+from .model import REFERENCE, BlockFunctions, Transformer  # noqa: F401

@@ -11,17 +11,11 @@ import dataclasses
 
 import torch
 
-from . import faults
 from .norm import compute_dtype
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """Boolean [Sq, Sk]: may query at q_pos[i] see key at k_pos[j]?"""
-    if window is not None:
-        if faults.active("window-129"):
-            window += 1
-        elif faults.active("window-127"):
-            window -= 1
     qi, kj = q_pos[:, None], k_pos[None, :]
     mask = kj <= qi
     if window is not None:
@@ -52,18 +46,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     k_pos = torch.arange(k.shape[1], device=q.device) + k_start
     mask = visible(q_pos, k_pos, window)
     sink = sinks.view(hkv, group, 1, 1).to(scores.dtype)
-    if faults.active("sink-scaled"):
-        sink = sink * d ** -0.5
-    if faults.active("sink-no-max"):
-        expo = scores.exp().masked_fill(~mask, 0)
-        probs = expo / (expo.sum(-1, keepdim=True) + sink.exp())
-    else:
-        wide = compute_dtype(q.dtype)
-        logits = scores.to(wide).masked_fill(~mask, float("-inf"))
-        sink_col = sink.to(wide).expand(b, hkv, group, sq, 1)
-        if faults.active("sink-dropped"):
-            sink_col = torch.full_like(sink_col, float("-inf"))
-        probs = torch.cat([logits, sink_col], dim=-1).softmax(dim=-1)[..., :-1]
+    wide = compute_dtype(q.dtype)
+    logits = scores.to(wide).masked_fill(~mask, float("-inf"))
+    sink_col = sink.to(wide).expand(b, hkv, group, sq, 1)
+    probs = torch.cat([logits, sink_col], dim=-1).softmax(dim=-1)[..., :-1]
     out = torch.einsum("bhgqk,bkhd->bqhgd", probs.to(v.dtype), v)
     return out.reshape(b, sq, hq, d)
 

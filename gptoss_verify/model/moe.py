@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from . import faults
 from .norm import compute_dtype
 
 
@@ -17,24 +16,15 @@ def route(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
     """Router logits [T, E], the top-k expert indices [T, k] (largest first) and their weights."""
     logits = torch.nn.functional.linear(h, weight, bias)
     values, idx = torch.topk(logits, k, dim=-1, sorted=True)
-    if faults.active("router-softmax-all"):
-        weights = logits.softmax(dim=-1, dtype=compute_dtype(h.dtype)).gather(-1, idx)
-    else:
-        weights = values.softmax(dim=-1, dtype=compute_dtype(h.dtype))
+    weights = values.softmax(dim=-1, dtype=compute_dtype(h.dtype))
     return logits, idx, weights.to(h.dtype)
 
 
 def swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """Even columns are the gate (clamped from above only), odd columns are up (clamped both ways,
     then +1): gate·σ(α·gate)·(up + 1)."""
-    if faults.active("gate-up-halves"):
-        gate, up = gate_up.chunk(2, dim=-1)
-    else:
-        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
-    if faults.active("gate-clamp-symmetric"):
-        gate = gate.clamp(min=-limit, max=limit)
-    else:
-        gate = gate.clamp(max=limit)
+    gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return gate * torch.sigmoid(alpha * gate) * (up + 1)
 
@@ -47,16 +37,11 @@ def experts(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: 
     weights are cast to h's dtype one expert at a time (a no-op normally; it lets the float64
     truth run on narrow expert weights without a float64 copy of them all)."""
     out = torch.zeros(h.shape, dtype=compute_dtype(h.dtype), device=h.device)
-    bias_after = faults.active("down-bias-after-weight")
     for e in torch.unique(idx).tolist():
         token, slot = torch.where(idx == e)
         act = swiglu(h[token] @ gate_up[e].to(h.dtype) + gate_up_bias[e].to(h.dtype), alpha, limit)
-        y = act @ down[e].to(h.dtype)
-        if not bias_after:
-            y = y + down_bias[e].to(h.dtype)
+        y = act @ down[e].to(h.dtype) + down_bias[e].to(h.dtype)
         out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
-        if bias_after:
-            out.index_add_(0, token, down_bias[e].to(out.dtype).expand(len(token), -1))
     return out.to(h.dtype)
 
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from . import faults
-
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Low precisions are widened to float32 inside; float64 stays float64 (the truth path)."""
@@ -12,10 +10,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if faults.active("norm-eps-1e-6"):
-        eps = 1e-6
     wide = x.to(compute_dtype(x.dtype))
     normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
-    if faults.active("norm-cast-first"):
-        return weight.to(x.dtype) * normed.to(x.dtype)
     return (weight.to(wide.dtype) * normed).to(x.dtype)

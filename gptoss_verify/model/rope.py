@@ -10,7 +10,6 @@ import math
 import torch
 
 from ..config import ModelSpec
-from . import faults
 
 
 def correction_range(spec: ModelSpec, truncate: bool | None = None) -> tuple[float, float]:
@@ -28,8 +27,6 @@ def correction_range(spec: ModelSpec, truncate: bool | None = None) -> tuple[flo
 
 def inv_freq(spec: ModelSpec, dtype: torch.dtype = torch.float32, truncate: bool | None = None) -> torch.Tensor:
     """inv_freq[i] = interp·ramp + extrap·(1 − ramp), extrap = θ^(−2i/D), interp = extrap / factor."""
-    if faults.active("yarn-truncate"):
-        truncate = True
     d = spec.head_dim
     extrap = 1.0 / spec.rope_theta ** (torch.arange(0, d, 2, dtype=dtype) / d)
     if spec.rope_factor == 1.0:
@@ -49,15 +46,11 @@ def cos_sin(spec: ModelSpec, positions: torch.Tensor, dtype: torch.dtype,
     positions: integer tensor of any shape; returns two tensors of shape [*positions.shape, D/2].
     """
     freqs = positions.to(angle_dtype)[..., None] * inv_freq(spec, angle_dtype).to(positions.device)
-    scale = 1.0 if faults.active("yarn-no-concentration") else spec.concentration
-    return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+    return (freqs.cos() * spec.concentration).to(dtype), (freqs.sin() * spec.concentration).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (d, d + D/2) of x [..., seq, heads, D] by cos/sin [..., seq, D/2]."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    if faults.active("rope-interleaved"):
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -20,7 +20,7 @@ from transformers import GptOssConfig, GptOssForCausalLM
 from transformers.models.gpt_oss import modeling_gpt_oss
 
 from ..config import ModelSpec
-from ..parity.trace import Trace, layer_name
+from ..trace import Trace, layer_name
 
 TRANSFORMERS_VERSION = transformers.__version__
 

@@ -16,9 +16,8 @@ import torch
 
 from .. import metrics
 from ..judge import Verdict, check
-from ..model import faults
-from ..model.model import DecoderLayer, Transformer
-from .trace import LAYER_POINTS, Trace, layer_name, ordered_names, split_name
+from ..model.model import REFERENCE, DecoderLayer, Transformer
+from ..trace import LAYER_POINTS, Trace, layer_name, ordered_names, split_name
 
 TEACHER, FREE = "teacher-forced", "free-running"
 # Points computed in float32 from the teacher-forced input itself and rounded once.
@@ -72,10 +71,9 @@ class Float64Shadow:
             block = DecoderLayer(self.spec, layer)
         block.load_state_dict(self._params(f"model.layers.{layer}."), strict=True, assign=True)
         from ..model.rope import cos_sin
-        from ..model.model import block_functions
         cos, sin = cos_sin(self.spec, torch.arange(start_pos, start_pos + x.shape[1], device=x.device),
                            torch.float64, self.model.angle_dtype)
-        return block(x.to(torch.float64), cos, sin, start_pos, None, block_functions("reference"), trace,
+        return block(x.to(torch.float64), cos, sin, start_pos, None, REFERENCE, trace,
                      None if mlp_input is None else mlp_input.to(torch.float64))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -131,8 +129,7 @@ def _row(mode: str, name: str, v: Verdict, judged: bool = True, **stats: float) 
 
 
 def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype: torch.dtype,
-                   shadow: Float64Shadow | None, fault_names: tuple[str, ...] = ()
-                   ) -> tuple[list[PointResult], int]:
+                   shadow: Float64Shadow | None) -> tuple[list[PointResult], int]:
     """Each of our attention blocks fed the oracle's input of that layer, each MLP block the
     oracle's residual after attention, the head its final residual. Returns the rows and the
     number of tokens left out after routing (near-ties chosen differently by the two sides)."""
@@ -145,8 +142,7 @@ def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype
         mid = oracle_trace[layer_name(i, "resid_attn")].to(device)
         mine, true = Trace(), Trace() if shadow else None
         with torch.no_grad():
-            with faults.inject(*fault_names):
-                ours.layer_forward(i, x, start_pos, mine, mlp_input=mid)
+            ours.layer_forward(i, x, start_pos, mine, mlp_input=mid)
             if shadow:
                 shadow.layer_forward(i, x, start_pos, true, mlp_input=mid)
         idx = layer_name(i, "topk_idx")
@@ -159,8 +155,7 @@ def teacher_forced(ours: Transformer, oracle_trace: Trace, start_pos: int, dtype
     x = oracle_trace[layer_name(n - 1, "resid_mlp")].to(device)
     mine, true = Trace(), Trace() if shadow else None
     with torch.no_grad():
-        with faults.inject(*fault_names):
-            ours.head(x, mine)
+        ours.head(x, mine)
         if shadow:
             shadow.head(x, true)
     for name in ("final_norm", "logits"):

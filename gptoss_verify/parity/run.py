@@ -7,12 +7,13 @@ import time
 import torch
 
 from .. import metrics
+from ..backends import block_functions
 from ..config import ModelSpec
-from ..model import Transformer, faults
+from ..model import Transformer
+from ..trace import Trace
 from ..weights import random_weights
 from .compare import (FREE, TEACHER, Float64Shadow, FreeRunning, PointResult, clamp_active_share,
                       first_divergence, router_tie_count, teacher_forced)
-from .trace import Trace
 
 
 @dataclasses.dataclass
@@ -71,7 +72,7 @@ def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> 
     else:
         state = {n: t.to(device=case.device, dtype=case.dtype) if t.is_floating_point() else t
                  for n, t in state.items()}
-    ours = Transformer.from_state_dict(spec, state, backend=case.backend)
+    ours = Transformer.from_state_dict(spec, state, block_functions(case.backend, case.faults))
     oracle = HFOracle(spec, state)
     lap("weights and models")
     gen = torch.Generator().manual_seed(case.seed + 1)
@@ -81,11 +82,10 @@ def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> 
     with torch.no_grad():
         oracle(ids, case.offset, oracle_trace)
         lap("oracle forward")
-        with faults.inject(*case.faults):
-            ours(ids, case.offset, trace=ours_trace)
+        ours(ids, case.offset, trace=ours_trace)
         lap("our forward")
     shadow = Float64Shadow(ours) if case.dtype != torch.float64 else None
-    rows, excluded = teacher_forced(ours, oracle_trace, case.offset, case.dtype, shadow, case.faults)
+    rows, excluded = teacher_forced(ours, oracle_trace, case.offset, case.dtype, shadow)
     lap("teacher-forced comparison")
     free = FreeRunning(ours_trace, oracle_trace, case.dtype, case.device)
     if shadow is None:

@@ -12,7 +12,7 @@ import torch
 from gptoss_verify.config import preset
 from gptoss_verify.distributed.launch import Case, Config, spawn
 from gptoss_verify.formats import hf, megatron
-from gptoss_verify.parity.trace import LAYER_POINTS
+from gptoss_verify.trace import LAYER_POINTS
 from gptoss_verify.weights import random_weights
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]

@@ -238,21 +238,19 @@ def test_mxfp4_dot_scaled_equals_own_decode():
     assert rel(outs[0][0], outs[1][0]) < 2e-3
 
 
-def test_tiny_model_with_fused_moe_matches_reference(monkeypatch):
+def test_tiny_model_with_fused_moe_matches_reference():
     """The model's MoE call site (argument order, keywords, reshapes) works with fused_moe: the tiny
     preset in float32 with the fused MoE (reference attention) gives the reference logits."""
     from gptoss_verify.config import preset
-    from gptoss_verify.model import attention as attention_ref
-    from gptoss_verify.model import model as model_mod
+    from gptoss_verify.model import REFERENCE, Transformer
     from gptoss_verify.weights import random_weights
 
     spec = preset("tiny")
     state = random_weights(spec, seed=0, dtype=torch.float32, device=DEVICE)
     ids = torch.randint(0, spec.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.no_grad():
-        want = model_mod.Transformer.from_state_dict(spec, state)(ids)
-        monkeypatch.setattr(model_mod, "block_functions", lambda backend: (attention_ref.attention, fused_moe))
-        got = model_mod.Transformer.from_state_dict(spec, state)(ids)
+        want = Transformer.from_state_dict(spec, state)(ids)
+        got = Transformer.from_state_dict(spec, state, REFERENCE.replace(moe=fused_moe))(ids)
     assert rel(got, want) < 1e-4
 
 

@@ -19,6 +19,8 @@ import pytest
 import torch
 from hypothesis import Phase, given, settings
 
+from gptoss_verify.backends import block_functions
+from gptoss_verify.model import BlockFunctions
 from gptoss_verify.model import attention as attention_ref
 from gptoss_verify.model import moe as moe_ref
 
@@ -120,9 +122,14 @@ def first_violation(check: Callable, impl, strategy, n: int = 50, **kwargs):
         return None
 
 
+def model_blocks(backend: str | BlockFunctions) -> BlockFunctions:
+    """The block functions for a whole-model law: a backend's (by name), or a mutant table."""
+    return block_functions(backend) if isinstance(backend, str) else backend
+
+
 def model_backends() -> list[Backend]:
-    """Whole-model backends: `Transformer(backend=...)` names; `fused` once both kernels exist.
-    `fn` is the backend name to pass to `Transformer.from_state_dict`."""
+    """Whole-model backends: `backends.block_functions` names; `fused` once both kernels exist.
+    `fn` is the backend name (`model_blocks` turns it into the model's block functions)."""
     found = [Backend("reference", "reference", "cpu", (torch.float64, torch.float32), 10 ** 6)]
     if _kernel("attention", "fused_attention") is not None and _kernel("moe", "fused_moe") is not None:
         found.append(Backend("fused", "fused", "cuda" if ON_GPU else "cpu", (torch.float32,), 25 if ON_GPU else 2))

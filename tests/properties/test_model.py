@@ -7,7 +7,7 @@ import torch
 
 from gptoss_verify.model import Transformer
 
-from .backends import model_backends, params, run_law
+from .backends import model_backends, model_blocks, params, run_law
 from .numerics import assert_close
 from .strategies import ModelCase, model_cases, tiny_weights
 
@@ -17,7 +17,7 @@ BACKENDS = model_backends()
 def build(case: ModelCase, backend: str = "reference", dtype=torch.float64, device="cpu",
           model_cls=Transformer) -> Transformer:
     weights = {n: t.to(device) for n, t in tiny_weights(case.layers, case.seed, dtype).items()}
-    return model_cls.from_state_dict(case.spec, weights, backend)
+    return model_cls.from_state_dict(case.spec, weights, model_blocks(backend))
 
 
 def _neighbours(case: ModelCase, ids: torch.Tensor, row: int) -> torch.Tensor:

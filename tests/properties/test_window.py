@@ -13,10 +13,10 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
-from gptoss_verify.model import Transformer
+from gptoss_verify.model import REFERENCE, Transformer
 from gptoss_verify.model.attention import visible
 
-from .backends import attention_backends, model_backends, params, run_law
+from .backends import attention_backends, model_backends, model_blocks, params, run_law
 from .numerics import assert_close
 from .strategies import AttnCase, ModelCase, attn_cases, law_mask, model_cases, tiny_weights
 
@@ -80,7 +80,7 @@ def check_keys_per_query(attn, case: AttnCase, dtype=torch.float64, device="cpu"
 # ---- the model: layer pattern and the cache ----------------------------------------------------
 def _model(case: ModelCase, backend: str = "reference", dtype=torch.float64, device="cpu") -> Transformer:
     weights = {n: t.to(device) for n, t in tiny_weights(case.layers, case.seed, dtype).items()}
-    return Transformer.from_state_dict(case.spec, weights, backend)
+    return Transformer.from_state_dict(case.spec, weights, model_blocks(backend))
 
 
 def check_layer_pattern(model_cls, case: ModelCase):
@@ -96,7 +96,7 @@ def check_layer_pattern(model_cls, case: ModelCase):
     h = torch.zeros(1, 2, spec.hidden_size, dtype=torch.float64)
     cos, sin = model.rope_tables(0, 2, "cpu")
     for layer in model.model.layers:
-        layer.self_attn(h, cos, sin, 0, None, record, None)
+        layer.self_attn(h, cos, sin, 0, None, REFERENCE.replace(attention=record), None)
     law = [spec.sliding_window if i % 2 == 0 else None for i in range(spec.num_layers)]
     assert [spec.is_sliding(i) for i in range(spec.num_layers)] == [i % 2 == 0 for i in range(spec.num_layers)], \
         "is_sliding: even layers must slide"

@@ -1,4 +1,5 @@
-"""`Trace`: the named intermediates both sides record, under one naming scheme.
+"""`Trace`: the named intermediates that our model, the oracle, the sharded forward and the goldens
+record, under one naming scheme.
 
 Names are `embed`, `layers.{i}.{point}` for each point of `LAYER_POINTS` in the order they are
 computed, then `final_norm` and `logits`. q/k/v are `[batch, seq, heads, head_dim]` (after RoPE for

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..formats import megatron
+from ..formats.megatron import legacy as megatron
 from ..parity.trace import Trace
 from .check import Row, compare, first_failure
 from .grid import Grid, make_groups

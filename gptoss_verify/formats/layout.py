@@ -20,8 +20,8 @@ from .errors import CheckpointError
 LAYOUTS: dict[str, str] = {
     "hf": "gptoss_verify.formats.hf",
     "openai": "gptoss_verify.formats.openai",
-    "megatron": "gptoss_verify.formats.megatron",
-    "megatron-dist": "gptoss_verify.formats.megatron_dist",
+    "megatron": "gptoss_verify.formats.megatron.legacy",
+    "megatron-dist": "gptoss_verify.formats.megatron.dist",
 }
 # most specific first: a Megatron root may also hold a config.json
 DETECTION_ORDER = ("megatron-dist", "megatron", "openai", "hf")

@@ -131,7 +131,7 @@ class Stage:
             dist.all_to_all_single(experts_in, experts_out.contiguous(), rc, sc, group=self.groups.ep)
         else:
             rows_in, experts_in = rows_out, experts_out
-        y_in = self.local_experts(local, rows_in, experts_in)
+        y_in = self.rank_experts(local, rows_in, experts_in)
         if P > 1:
             y_out = h.new_empty(rows_out.shape[0], h.shape[1])
             dist.all_to_all_single(y_out, y_in.contiguous(), sc, rc, group=self.groups.ep)
@@ -151,7 +151,7 @@ class Stage:
         dist.all_gather(parts, padded, group=self.groups.ep)
         return torch.cat([part[:n] for part, n in zip(parts, bounds)])
 
-    def local_experts(self, layer: int, rows: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    def rank_experts(self, layer: int, rows: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """fc1 [gate; up] -> clamped SwiGLU -> fc2 on this rank's experts (Megatron layout)."""
         spec, w = self.spec, self.w
         out = rows.new_empty(rows.shape[0], spec.hidden_size)

@@ -1,4 +1,4 @@
-"""Our torch.save container writer (`formats/torch_zip.py`, used by the Megatron rank files):
+"""Our torch.save container writer (`formats/fileio/torch_zip.py`, used by the Megatron rank files):
 the bytes torch.save writes, loadable by torch.load (mmap too), valid zip (CRCs), 64-byte aligned
 data, ZIP64 past 4 GiB (threshold lowered here; the real size is a slow opt-in test)."""
 from __future__ import annotations

@@ -33,7 +33,7 @@ from ..canonical import Stream, TensorTable
 from ..errors import CheckpointError
 from ..fileio.fanout_writer import FanOutWriter
 from ..fileio.readahead import ReadAhead
-from ..fileio.torch_save_file import StoredTensor, StreamingTorchFile, index, same_bytes
+from ..fileio.torch_save_file import StoredTensor, StreamingTorchFile, index
 from ..safetensors_io import atomic_directory, write_json
 from . import mapping
 from .files import ITERATION, SIDECAR, TRACKER, Layout, find_iter_dir, read_sidecar, read_spec_beside, sidecar

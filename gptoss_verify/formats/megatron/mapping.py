@@ -409,3 +409,17 @@ def restore_stream(spec: ModelSpec, fetch: Callable[[Row, int | None], torch.Ten
         if j == len(parts) - 1:
             del held[row.key]
         yield full, parts[j]
+
+
+def markdown_table() -> str:
+    """The table as docs/megatron.md ("Megatron mapping") shows it; a test keeps the two equal."""
+    lines = ["| row | canonical (in `model.layers.{layer}.` for layer rows) | legacy name: `te` (`local` where it "
+             "differs) | torch_dist key | transform | shard |", "|---|---|---|---|---|---|"]
+    for row in ROWS:
+        te, local = row.names[TE], row.names[LOCAL]
+        legacy = f"`{te.legacy}`" + (f" (`{local.legacy}`)" if local.legacy != te.legacy else "")
+        dist = f"`{te.dist}`" + (f" (`{local.dist}`)" if local.dist != te.dist else "")
+        canonical = ", ".join(f"`{n}`" for n in row.canonical)
+        lines.append(f"| `{row.key}` ({row.scope}) | {canonical} | {legacy} | {dist} | {row.transform.name} "
+                     f"| {row.shard.value} |")
+    return "\n".join(lines) + "\n"

@@ -102,7 +102,8 @@ class Stage:
     def moe(self, local: int, h: torch.Tensor, trace: Trace | None, name, batch: int) -> torch.Tensor:
         spec, w = self.spec, self.w
         k = spec.experts_per_token
-        logits, idx, weights = route(h, w[megatron_name("router_weight", local)], w[megatron_name("router_bias", local)], k)
+        router = w[megatron_name("router_weight", local)], w[megatron_name("router_bias", local)]
+        logits, idx, weights = route(h, *router, k)
         if trace is not None:
             for point, tensor in (("router_logits", logits), ("topk_idx", idx), ("topk_weights", weights)):
                 trace.record(name(point), tensor.view(batch, h.shape[0] // batch, -1))

@@ -35,7 +35,7 @@ from ..errors import CheckpointError
 from ..tensor_ops import contiguous
 from ..safetensors_io import atomic_directory, write_json
 from . import mapping
-from .files import ITERATION, SIDECAR, TRACKER, Layout, find_iter_dir, read_sidecar, read_spec_beside, sidecar
+from .files import ITERATION, SIDECAR, TRACKER, Layout, Listed, find_iter_dir, read_sidecar, read_spec_beside, sidecar
 from .mapping import EXPERT, FIRST, LAST, LAYER, ROWS, Row, Shard
 from .source import Source, open_source
 
@@ -66,7 +66,7 @@ def expected_tensors(spec: ModelSpec, tp: int = 1, ep: int = 1, pp: int = 1, pad
 def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor] | Source, spec: ModelSpec,
           out_dir: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, pad_vocab: bool = False,
           progress: bool = False, **_ignored) -> None:
-    """Write the torch_dist layout atomically. Accepts what `megatron.write` accepts (a canonical
+    """Write the torch_dist layout atomically. Accepts what `legacy.write` accepts (a canonical
     stream, dense or MXFP4, or a mapping). tp/ep/pp only decide the vocabulary padding (and are
     recorded): the tensors themselves are global."""
     lay = Layout(tp, ep, pp, pad_vocab)
@@ -154,13 +154,8 @@ def list_tensors(path: str | Path) -> dict:
     out = {}
     for key, item in md.state_dict_metadata.items():
         if isinstance(item, TensorStorageMetadata) and key.startswith(_MODEL_PREFIXES) and not key.endswith("_extra_state"):
-            out[key] = _Info(tuple(item.size), item.properties.dtype, iter_dir)
+            out[key] = Listed(tuple(item.size), item.properties.dtype, iter_dir)
     return out
-
-
-class _Info:
-    def __init__(self, shape, dtype, file):
-        self.shape, self.dtype, self.file = shape, dtype, file
 
 
 def options(path: str | Path, tensors=None) -> dict:

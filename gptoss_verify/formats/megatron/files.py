@@ -12,6 +12,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from ...config import ConfigError, ModelSpec
 from ..errors import CheckpointError
 from .mapping import padded_vocab_size
@@ -71,6 +73,14 @@ class Layout:
     def experts_of(self, spec: ModelSpec, p: int) -> range:
         per = spec.num_experts // self.ep
         return range(p * per, (p + 1) * per)
+
+
+@dataclasses.dataclass(frozen=True)
+class Listed:
+    """One stored tensor as `list_tensors` reports it (header only: no data read)."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
 
 
 def find_iter_dir(root: Path, holds: Callable[[Path], bool]) -> Path | None:

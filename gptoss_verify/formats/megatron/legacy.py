@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ...config import ModelSpec
-from ...schema import canonical_names, canonical_shapes, split_layer_name
+from ...schema import canonical_names, canonical_shapes
 from ..canonical import Stream, TensorTable
 from ..errors import CheckpointError
 from ..fileio.fanout_writer import FanOutWriter
@@ -36,7 +36,7 @@ from ..fileio.readahead import ReadAhead
 from ..fileio.torch_save_file import StoredTensor, StreamingTorchFile, index
 from ..safetensors_io import atomic_directory, write_json
 from . import mapping
-from .files import ITERATION, SIDECAR, TRACKER, Layout, find_iter_dir, read_sidecar, read_spec_beside, sidecar
+from .files import ITERATION, SIDECAR, TRACKER, Layout, Listed, find_iter_dir, read_sidecar, read_spec_beside, sidecar
 from .mapping import EXPERT, FIRST, LAST, LAYER, ROW, ROWS, Row, Shard
 from .source import Source, open_source
 
@@ -189,8 +189,9 @@ class _Prefetch:
         self.src, self.asked = src, set()
         self.by_layer: dict[int, list[str]] = {}
         for name in canonical_names(spec):
-            split = split_layer_name(name)
-            layer = split[0] if split is not None else (-1 if mapping.row_of(name)[0].scope == FIRST else spec.num_layers)
+            row, _, layer = mapping.row_of(name)
+            if layer is None:  # before the first layer, or after the last
+                layer = -1 if row.scope == FIRST else spec.num_layers
             self.by_layer.setdefault(layer, []).append(name)
 
     def reach(self, layer: int) -> None:
@@ -392,21 +393,14 @@ def options(path: str | Path, tensors=None) -> dict:
     return {"tp": lay.tp, "ep": lay.ep, "pp": lay.pp, "pad_vocab": lay.pad_vocab, "dtype": _dtype_of(ck)}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Info:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    file: Path
-
-
-def list_tensors(path: str | Path) -> dict[str, _Info]:
+def list_tensors(path: str | Path) -> dict[str, Listed]:
     """`"<rank dir>/<name>"` -> shape, dtype, file, from the files' pickles (no tensor data read)."""
     ck = open_checkpoint(path)
-    out: dict[str, _Info] = {}
+    out: dict[str, Listed] = {}
     for key, file in ck.files.items():
         rd = ck.layout.rank_dir(*key)
         for name, t in ck.model(key).items():
-            out[f"{rd}/{name}"] = _Info(tuple(t.shape), t.dtype, file)
+            out[f"{rd}/{name}"] = Listed(tuple(t.shape), t.dtype, file)
     return out
 
 

@@ -198,8 +198,8 @@ class TransposeGateUpHalves(Transpose):
     name = "transpose, and HF interleaved gate/up -> [gate; up] halves"
 
     def cut(self, src, names, part, axis, spec):
-        inp, out = src.shape(names[0])[1:]
-        return src.expert_t(names[0], part.expert, order=halves_order(out))
+        outputs = src.shape(names[0])[-1]  # canonical [E, in, out]
+        return src.expert_t(names[0], part.expert, order=halves_order(outputs))
 
     def restore_into(self, out, megatron):
         interleave(megatron, dim=-2, out=out)

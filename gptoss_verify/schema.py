@@ -71,13 +71,19 @@ def layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     }
 
 
+def outer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors outside the layers (FIRST_TENSORS, LAST_TENSORS)."""
+    return {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size),
+            "model.norm.weight": (spec.hidden_size,), "lm_head.weight": (spec.vocab_size, spec.hidden_size)}
+
+
 def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """The dense canonical shape of every tensor, in checkpoint order."""
-    per_layer = layer_shapes(spec)
-    shapes = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size)}
+    per_layer, outer = layer_shapes(spec), outer_shapes(spec)
+    shapes = {n: outer[n] for n in FIRST_TENSORS}
     for i in range(spec.num_layers):
         shapes.update({layer_name(i, n): per_layer[n] for n in LAYER_TENSORS})
-    shapes.update({"model.norm.weight": (spec.hidden_size,), "lm_head.weight": (spec.vocab_size, spec.hidden_size)})
+    shapes.update({n: outer[n] for n in LAST_TENSORS})
     return shapes
 
 

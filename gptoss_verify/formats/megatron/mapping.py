@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from ...config import ModelSpec
-from ...schema import canonical_names, canonical_shapes, layer_shapes, split_layer_name
+from ...schema import canonical_names, layer_shapes, outer_shapes, split_layer_name
 
 TE, LOCAL = "te", "local"
 NAME_SETS = (TE, LOCAL)
@@ -217,13 +217,17 @@ class Shard(enum.Enum):
     @property
     def axis(self) -> int | None:
         """The axis split over TP, None when TP ranks hold copies."""
-        return {Shard.TP_COLS: 1, Shard.REPLICATED: None, Shard.EP_EXPERTS: None}.get(self, 0)
+        return _AXIS.get(self, 0)
 
     @property
     def varies_with(self) -> str:
         """The rank index a piece's bytes depend on within a stage: "t" (the same on every EP
         rank), "p" (the same on every TP rank) or "" (the same everywhere)."""
-        return {Shard.REPLICATED: "", Shard.EP_EXPERTS: "p"}.get(self, "t")
+        return _VARIES_WITH.get(self, "t")
+
+
+_AXIS = {Shard.TP_COLS: 1, Shard.REPLICATED: None, Shard.EP_EXPERTS: None}
+_VARIES_WITH = {Shard.REPLICATED: "", Shard.EP_EXPERTS: "p"}
 
 
 FIRST, LAYER, EXPERT, LAST = "first stage", "layer", "expert", "last stage"
@@ -252,7 +256,7 @@ class Row:
     def shape(self, spec: ModelSpec, vocab_rows: int) -> tuple[int, ...]:
         """The whole Megatron tensor of one layer (of one expert for expert rows)."""
         if self.scope in (FIRST, LAST):
-            shapes = canonical_shapes(spec)
+            shapes = outer_shapes(spec)
             return self.transform.shape([shapes[n] for n in self.canonical], vocab_rows)
         shapes = layer_shapes(spec)
         units = [shapes[n][1:] if self.scope == EXPERT else shapes[n] for n in self.canonical]

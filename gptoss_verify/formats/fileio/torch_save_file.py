@@ -40,7 +40,9 @@ class _TensorRef:
     """Pickles exactly as a contiguous CPU tensor does (`_rebuild_tensor_v2`)."""
 
     def __init__(self, key: str, shape: tuple[int, ...], dtype: torch.dtype):
-        self.key, self.shape, self.dtype = key, tuple(shape), dtype
+        # a fresh tuple per tensor: pickle memoizes an object it meets twice, so a shape tuple shared
+        # by two entries would change the bytes of data.pkl (torch.save pickles each tensor's own)
+        self.key, self.shape, self.dtype = key, tuple(int(n) for n in shape), dtype
 
     def __reduce_ex__(self, protocol):
         numel = 1

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .formats import canonical
 from .formats import layout as layouts
 from .formats.errors import CheckpointError
+from .schema import is_expert_weight
 from .formats.safetensors_io import check_destination, check_finite
 
 MEGATRON_OPTIONS = ("tp", "ep", "pp", "pad_vocab")
@@ -130,7 +131,7 @@ def _checked(stream, counter: list[int], where: Path, values: bool = True) -> It
 
 def _in_place(src: Path, counter: list[int]):
     """An HF checkpoint as a random-access Megatron source; `counter` gets its tensors and bytes."""
-    from .formats.megatron_source import SafetensorsSource
+    from .formats.megatron.source import SafetensorsSource
     from .formats.safetensors_io import SafetensorsDir
     files = SafetensorsDir(src)
     counter[0] = len(files.tensors)
@@ -318,7 +319,7 @@ def _decoding(stream, decoded: set[str]):
 def _pair_mxfp4(wa: dict[str, torch.Tensor], wb: dict[str, torch.Tensor], diffs: list[TensorDiff]) -> None:
     """A's blocks+scales against B's dense weight (or the reverse): compare the decoded values."""
     for first, second, a_is_mx in ((wa, wb, True), (wb, wa, False)):
-        for dense in [n for n in second if canonical.is_expert_weight(n)]:
+        for dense in [n for n in second if is_expert_weight(n)]:
             blocks, scales = dense + "_blocks", dense + "_scales"
             if blocks in first and scales in first:
                 decoded = next(canonical.to_dense([(blocks, first.pop(blocks)), (scales, first.pop(scales))],

@@ -22,52 +22,9 @@ from collections.abc import Iterator
 import torch
 
 from .config import ModelSpec
+from .schema import canonical_shapes
 
 PROFILES = ("typical", "stress")
-
-
-def canonical_names(spec: ModelSpec) -> list[str]:
-    """Every tensor name of the dense canonical state dict, in checkpoint order."""
-    names = ["model.embed_tokens.weight"]
-    for i in range(spec.num_layers):
-        names += [f"model.layers.{i}.{n}" for n in LAYER_TENSORS]
-    return names + ["model.norm.weight", "lm_head.weight"]
-
-
-LAYER_TENSORS = (
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias",
-    "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias",
-    "self_attn.o_proj.weight", "self_attn.o_proj.bias",
-    "self_attn.sinks",
-    "post_attention_layernorm.weight",
-    "mlp.router.weight", "mlp.router.bias",
-    "mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias",
-    "mlp.experts.down_proj", "mlp.experts.down_proj_bias",
-)
-
-
-def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """The dense canonical shape of every tensor (HF module layout, experts as x @ W)."""
-    h, d, e, inter = spec.hidden_size, spec.head_dim, spec.num_experts, spec.intermediate_size
-    nq, nkv = spec.num_heads * d, spec.num_kv_heads * d
-    per_layer = {
-        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (nq, h), "self_attn.q_proj.bias": (nq,),
-        "self_attn.k_proj.weight": (nkv, h), "self_attn.k_proj.bias": (nkv,),
-        "self_attn.v_proj.weight": (nkv, h), "self_attn.v_proj.bias": (nkv,),
-        "self_attn.o_proj.weight": (h, nq), "self_attn.o_proj.bias": (h,),
-        "self_attn.sinks": (spec.num_heads,),
-        "mlp.router.weight": (e, h), "mlp.router.bias": (e,),
-        "mlp.experts.gate_up_proj": (e, h, 2 * inter), "mlp.experts.gate_up_proj_bias": (e, 2 * inter),
-        "mlp.experts.down_proj": (e, inter, h), "mlp.experts.down_proj_bias": (e, h),
-    }
-    shapes = {"model.embed_tokens.weight": (spec.vocab_size, h)}
-    for i in range(spec.num_layers):
-        shapes.update({f"model.layers.{i}.{n}": s for n, s in per_layer.items()})
-    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (spec.vocab_size, h)})
-    return shapes
 
 
 def _draw(name: str, shape: tuple[int, ...], spec: ModelSpec, profile: str, gen: torch.Generator) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..dtypes import DTYPES
-from ..formats import megatron
+from ..formats.megatron import legacy as megatron
 from ..trace import Trace
 from .check import Row, compare, first_failure
 from .grid import Grid, make_groups

@@ -3,16 +3,18 @@
 Megatron's parallel layout, and nothing converted back to the HF form first (a layout bug that
 the converter makes symmetrically on write and read would otherwise pass):
 - embedding: vocabulary-parallel, masked lookup of the rank's rows then an all-reduce over TP;
-- linear_qkv: column-parallel, the rank's whole query groups `[q of g; k_g; v_g]` split as
-  megatron-core does (`view(ng_local, (q_per_kv + 2)·D)`), its sinks by head;
-- linear_proj: row-parallel, partial products all-reduced over TP, the (replicated) bias added once;
+- fused QKV: column-parallel, the rank's whole query groups `[q of g; k_g; v_g]` split as
+  megatron-core does (`view(ng_local, (q_per_kv + 2)·D)`, `mapping.ungroup_qkv`), its sinks by head;
+- output projection: row-parallel, partial products all-reduced over TP, the (replicated) bias added once;
 - MoE: replicated router; each EP rank takes a slice of the tokens, sends each (token, choice) to
   the EP rank holding that expert with all_to_all (counts exchanged first), which applies
-  fc1 `[gate; up]` halves, the clamped SwiGLU and fc2; results return the same way, are weighted
+  fc1 (`[gate; up]` halves), the clamped SwiGLU and fc2; results return the same way, are weighted
   at their source and all-gathered over EP. Experts are whole (expert TP = 1);
 - output layer: vocabulary-parallel logits all-gathered over TP, padding columns dropped;
 - PP: the residual stream goes stage to stage with send/recv.
-The block math (RMSNorm, RoPE, sink attention, routing, SwiGLU) is the reference's own (`model/`).
+The block math (RMSNorm, RoPE, sink attention, routing, SwiGLU) is the reference's own (`model/`);
+the weights' names, and the two layout conversions applied to activations, are the Megatron
+mapping table's (`formats/megatron/mapping.py`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelSpec
-from ..formats.megatron import Layout, layer_prefix
+from ..formats.megatron.files import Layout
+from ..formats.megatron.mapping import interleave, name as megatron_name, ungroup_qkv
 from ..model.attention import attention
 from ..model.moe import route, swiglu
 from ..model.norm import compute_dtype, rms_norm
@@ -54,7 +57,7 @@ class Stage:
 
     # ---- embedding ------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.w["embedding.word_embeddings.weight"]
+        table = self.w[megatron_name("embedding")]
         lo = self.t * table.shape[0]
         mine = (ids >= lo) & (ids < lo + table.shape[0])
         x = table[(ids - lo).clamp(0, table.shape[0] - 1)] * mine[..., None].to(table.dtype)
@@ -64,46 +67,43 @@ class Stage:
     def layer(self, local: int, x: torch.Tensor, cos, sin, trace: Trace | None) -> torch.Tensor:
         spec, w = self.spec, self.w
         glob = self.layers[local]
-        pre = layer_prefix(local)
+        mg = lambda key: megatron_name(key, local)  # noqa: E731
         name = lambda point: layer_name(glob, point)  # noqa: E731
         rec = (lambda n, v: trace.record(n, v)) if trace is not None else (lambda n, v: None)
         b, s, hdim = x.shape
         d, qpk = spec.head_dim, spec.q_per_kv
         rec(name("input"), x)
-        h = rms_norm(x, w[pre + "self_attention.linear_qkv.layer_norm_weight"], spec.rms_norm_eps)
+        h = rms_norm(x, w[mg("input_norm")], spec.rms_norm_eps)
         rec(name("attn_norm"), h)
-        qkv = torch.nn.functional.linear(h, w[pre + "self_attention.linear_qkv.weight"],
-                                         w[pre + "self_attention.linear_qkv.bias"])
-        groups = qkv.view(b, s, -1, (qpk + 2) * d)  # megatron-core: [ng_local, (q_per_kv + 2)·D]
-        q = groups[..., :qpk * d].reshape(b, s, -1, d)
-        k = groups[..., qpk * d:(qpk + 1) * d]
-        v = groups[..., (qpk + 1) * d:]
+        qkv = torch.nn.functional.linear(h, w[mg("qkv_weight")], w[mg("qkv_bias")])
+        q, k, v = (t.view(b, s, -1, d) for t in ungroup_qkv(qkv, qpk, d, dim=-1))  # [ng_local, (q_per_kv + 2)·D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if trace is not None:
             for point, tensor in (("q", q), ("k", k), ("v", v)):
                 rec(name(point), self._tp_gather(tensor, dim=2))
-        sinks = w[pre + "self_attention.core_attention.softmax_offset"]
-        core = attention(q, k.contiguous(), v.contiguous(), sinks, window=spec.window_of(glob)).reshape(b, s, -1)
+        sinks = w[mg("sinks")]
+        core = attention(q, k, v, sinks, window=spec.window_of(glob)).reshape(b, s, -1)
         if trace is not None:
             rec(name("attn_core"), self._tp_gather(core, dim=-1))
-        partial = torch.nn.functional.linear(core, w[pre + "self_attention.linear_proj.weight"])
-        a = self._tp_sum(partial) + w[pre + "self_attention.linear_proj.bias"]
+        partial = torch.nn.functional.linear(core, w[mg("proj_weight")])
+        a = self._tp_sum(partial) + w[mg("proj_bias")]
         rec(name("attn_out"), a)
         x = x + a
         rec(name("resid_attn"), x)
-        h = rms_norm(x, w[pre + "pre_mlp_layernorm.weight"], spec.rms_norm_eps)
+        h = rms_norm(x, w[mg("mlp_norm")], spec.rms_norm_eps)
         rec(name("mlp_norm"), h)
-        m = self.moe(pre, h.reshape(-1, hdim), trace, name, b).view(b, s, hdim)
+        m = self.moe(local, h.reshape(-1, hdim), trace, name, b).view(b, s, hdim)
         rec(name("mlp_out"), m)
         x = x + m
         rec(name("resid_mlp"), x)
         return x
 
     # ---- experts over EP ------------------------------------------------------------------------
-    def moe(self, pre: str, h: torch.Tensor, trace: Trace | None, name, batch: int) -> torch.Tensor:
+    def moe(self, local: int, h: torch.Tensor, trace: Trace | None, name, batch: int) -> torch.Tensor:
         spec, w = self.spec, self.w
         k = spec.experts_per_token
-        logits, idx, weights = route(h, w[pre + "mlp.router.weight"], w[pre + "mlp.router.bias"], k)
+        router = w[megatron_name("router_weight", local)], w[megatron_name("router_bias", local)]
+        logits, idx, weights = route(h, *router, k)
         if trace is not None:
             for point, tensor in (("router_logits", logits), ("topk_idx", idx), ("topk_weights", weights)):
                 trace.record(name(point), tensor.view(batch, h.shape[0] // batch, -1))
@@ -132,7 +132,7 @@ class Stage:
             dist.all_to_all_single(experts_in, experts_out.contiguous(), rc, sc, group=self.groups.ep)
         else:
             rows_in, experts_in = rows_out, experts_out
-        y_in = self.local_experts(pre, rows_in, experts_in)
+        y_in = self.rank_experts(local, rows_in, experts_in)
         if P > 1:
             y_out = h.new_empty(rows_out.shape[0], h.shape[1])
             dist.all_to_all_single(y_out, y_in.contiguous(), sc, rc, group=self.groups.ep)
@@ -152,25 +152,25 @@ class Stage:
         dist.all_gather(parts, padded, group=self.groups.ep)
         return torch.cat([part[:n] for part, n in zip(parts, bounds)])
 
-    def local_experts(self, pre: str, rows: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    def rank_experts(self, layer: int, rows: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """fc1 [gate; up] -> clamped SwiGLU -> fc2 on this rank's experts (Megatron layout)."""
         spec, w = self.spec, self.w
         out = rows.new_empty(rows.shape[0], spec.hidden_size)
-        ex = pre + "mlp.experts."
-        for k in torch.unique(local).tolist():
-            sel = local == k
-            x = torch.nn.functional.linear(rows[sel], w[ex + f"linear_fc1.weight{k}"], w[ex + f"linear_fc1.bias{k}"])
-            gate, up = x.chunk(2, dim=-1)  # megatron-core's glu: the first half is the gate
-            act = swiglu(torch.stack((gate, up), dim=-1).flatten(-2), spec.swiglu_alpha, spec.swiglu_limit)
-            out[sel] = torch.nn.functional.linear(act, w[ex + f"linear_fc2.weight{k}"], w[ex + f"linear_fc2.bias{k}"])
+        for k in torch.unique(expert).tolist():
+            sel = expert == k
+            mg = lambda key: w[megatron_name(key, layer, k)]  # noqa: E731
+            x = torch.nn.functional.linear(rows[sel], mg("fc1_weight"), mg("fc1_bias"))
+            # megatron-core's glu takes the first half as the gate; our SwiGLU takes them interleaved
+            act = swiglu(interleave(x, dim=-1), spec.swiglu_alpha, spec.swiglu_limit)
+            out[sel] = torch.nn.functional.linear(act, mg("fc2_weight"), mg("fc2_bias"))
         return out
 
     # ---- head -----------------------------------------------------------------------------------
     def head(self, x: torch.Tensor, trace: Trace | None) -> torch.Tensor:
-        h = rms_norm(x, self.w["decoder.final_layernorm.weight"], self.spec.rms_norm_eps)
+        h = rms_norm(x, self.w[megatron_name("final_norm")], self.spec.rms_norm_eps)
         if trace is not None:
             trace.record("final_norm", h)
-        logits = self._tp_gather(torch.nn.functional.linear(h, self.w["output_layer.weight"]), dim=-1)
+        logits = self._tp_gather(torch.nn.functional.linear(h, self.w[megatron_name("output")]), dim=-1)
         return logits  # [B, S, Vp]: padding columns kept so the caller can check they are zero
 
     # ---- the stage ------------------------------------------------------------------------------

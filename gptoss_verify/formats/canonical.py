@@ -15,30 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..config import ModelSpec
-from ..weights import canonical_names, canonical_shapes
+from ..schema import canonical_names, canonical_shapes, is_expert_weight, mxfp4_shapes
 from . import mxfp4
 from .errors import CheckpointError
 
-EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 #: (canonical name, tensor) pairs. A tensor may be a strided view (a reader hands expert weights
 #: over in the orientation it holds them, transposed); consumers that need bytes make it contiguous.
 Stream = Iterator[tuple[str, torch.Tensor]]
 TensorTable = dict[str, tuple[tuple[int, ...], torch.dtype]]
-
-
-def is_expert_weight(name: str) -> bool:
-    return name.endswith(EXPERT_WEIGHTS)
-
-
-def mxfp4_shapes(spec: ModelSpec, dense_name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Checkpoint shapes (blocks, scales) of one dense expert weight: rows = outputs, blocks of
-    32 along the inputs."""
-    e, h, inter = spec.num_experts, spec.hidden_size, spec.intermediate_size
-    out, inp = (2 * inter, h) if dense_name.endswith("gate_up_proj") else (h, inter)
-    if inp % mxfp4.BLOCK:
-        raise CheckpointError(f"{dense_name}: MXFP4 needs an input width that is a multiple of "
-                              f"{mxfp4.BLOCK}, got {inp}")
-    return (e, out, inp // mxfp4.BLOCK, mxfp4.BLOCK // 2), (e, out, inp // mxfp4.BLOCK)
 
 
 def canonical_table(spec: ModelSpec, mxfp4: bool = False, dtype: torch.dtype = torch.bfloat16) -> TensorTable:

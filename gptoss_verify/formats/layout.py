@@ -1,12 +1,12 @@
 """The registry of on-disk layouts: name -> module, and detection of a checkpoint's layout.
 
-Every layout module exposes the same four functions:
+Every layout module exposes the same functions:
     detect(path) -> bool
     read(path) -> (ModelSpec, iterator of (canonical name, tensor))
     write(stream, spec, out_dir, **options) -> None        (atomic)
     expected_tensors(spec, **options) -> {name: (shape, dtype)} in the layout's own names
-and optionally `read_spec(path)`, `list_tensors(path)` + `options(path, tensors)` (header-only
-inspection), `holds_mxfp4(path)` and `iter_stored(path)` (values in the layout's own names).
+    read_spec(path), list_tensors(path), options(path, tensors)   (header-only inspection)
+and optionally `holds_mxfp4(path)` and `iter_stored(path)` (values in the layout's own names).
 Modules are imported only when needed, so a layout under construction breaks nothing else.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from .errors import CheckpointError
 LAYOUTS: dict[str, str] = {
     "hf": "gptoss_verify.formats.hf",
     "openai": "gptoss_verify.formats.openai",
-    "megatron": "gptoss_verify.formats.megatron",
-    "megatron-dist": "gptoss_verify.formats.megatron_dist",
+    "megatron": "gptoss_verify.formats.megatron.legacy",
+    "megatron-dist": "gptoss_verify.formats.megatron.dist",
 }
 # most specific first: a Megatron root may also hold a config.json
 DETECTION_ORDER = ("megatron-dist", "megatron", "openai", "hf")

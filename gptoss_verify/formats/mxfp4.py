@@ -29,10 +29,11 @@ import math
 import numpy as np
 import torch
 
+from ..schema import MXFP4_BLOCK
 from .tensor_ops import transpose_copy
 
 FP4_VALUES = (+0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-BLOCK = 32
+BLOCK = MXFP4_BLOCK  # values sharing one scale (the schema's fact)
 SCALE_BIAS = 127
 E2M1_EMAX = 2  # the largest e2m1 magnitude is 6 = 1.5 · 2^2
 _CHUNK_VALUES = 1 << 19  # values per chunk: temporaries stay in cache and small on full-size tensors

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..config import ConfigError, ModelSpec
 from . import canonical
 from .canonical import Stream, TensorTable
+from ..schema import is_expert_weight
 from .errors import CheckpointError
 from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, PlannedWriter, SafetensorsDir, TensorInfo,
                              atomic_directory, dtype_code, plan_shards, write_json)
@@ -95,7 +96,7 @@ def expected_tensors(spec: ModelSpec, mxfp4: bool = True, dtype: torch.dtype = t
                 kind = rest.rsplit(".", 1)[-1]
                 table[f"block.{layer}.attn.qkv.{kind}"] = ((rows, *shape[1:]), dt)
             continue
-        if canonical.is_expert_weight(name):  # dense [E, in, out] -> OpenAI [E, out, in]
+        if is_expert_weight(name):  # dense [E, in, out] -> OpenAI [E, out, in]
             shape = (shape[0], shape[2], shape[1])
         table[to_openai_name(name)] = (shape, dt)
     return table
@@ -147,7 +148,7 @@ def read(path: str | Path) -> tuple[ModelSpec, Stream]:
                 yield name, ((weight_parts if kind == "weight" else bias_parts)[proj]).clone()
                 continue
             tensor = files.get_finite(to_openai_name(name))
-            if canonical.is_expert_weight(name):
+            if is_expert_weight(name):
                 tensor = tensor.transpose(1, 2).contiguous()
             yield name, tensor
     return spec, stream()
@@ -185,7 +186,7 @@ def write(stream: Iterable[tuple[str, torch.Tensor]], spec: ModelSpec, out_dir: 
                     continue
                 if name not in GLOBAL and not rest:
                     raise CheckpointError(f"{out_dir}: unexpected tensor {name} (not in the OpenAI layout)")
-                if canonical.is_expert_weight(name):
+                if is_expert_weight(name):
                     tensor = tensor.transpose(1, 2).contiguous()
                 try:
                     target = to_openai_name(name)

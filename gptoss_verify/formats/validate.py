@@ -132,45 +132,18 @@ def inspect(path: str | Path, scan: bool = False, layout: str | None = None, pro
     path = Path(path)
     name = layout or layouts.detect(path)
     mod = layouts.module(name)
-    spec = mod.read_spec(path) if hasattr(mod, "read_spec") else None
-    if hasattr(mod, "list_tensors") and spec is not None:
-        actual = mod.list_tensors(path)
-        opts = mod.options(path, actual) if hasattr(mod, "options") else {}
-        violations = table_violations(mod.expected_tensors(spec, **opts), actual, path)
-        count, nbytes = len(actual), sum(_nbytes(i) for i in actual.values())
-        values = None
-        if scan and not violations:
-            values = _layout_values(mod, path, actual)
-    else:
-        # a layout without header listing: its reader is strict; check the canonical stream it yields
-        opts = mod.options(path) if hasattr(mod, "options") else {}
-        try:
-            spec, stream = mod.read(path)
-            seen = {}
-            kept = [] if scan else None
-            for n, t in stream:
-                seen[n] = _Info(tuple(t.shape), t.dtype)
-                if kept is not None:
-                    kept.append(n)
-            violations = []
-        except CheckpointError as err:
-            return InspectResult(str(path), name, {}, _jsonable(opts), 0, 0,
-                                 [Violation("invalid", str(path), "-", "a readable checkpoint", str(err))],
-                                 scan, [])
-        count, nbytes = len(seen), sum(_nbytes(i) for i in seen.values())
-        values = mod.read(path)[1] if scan else None
+    spec = mod.read_spec(path)
+    actual = mod.list_tensors(path)
+    opts = mod.options(path, actual)
+    violations = table_violations(mod.expected_tensors(spec, **opts), actual, path)
+    count, nbytes = len(actual), sum(_nbytes(i) for i in actual.values())
+    values = _layout_values(mod, path) if scan and not violations else None
     ranges: list[ScaleRange] = []
     if values is not None:
         more, ranges = scan_values(values, str(path), progress, total=count)
         violations += more
-    return InspectResult(str(path), name, spec.to_json() if spec else {}, _jsonable(opts), count, nbytes,
+    return InspectResult(str(path), name, spec.to_json(), _jsonable(opts), count, nbytes,
                          violations, values is not None, ranges)
-
-
-@dataclasses.dataclass
-class _Info:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
 
 
 def _nbytes(info) -> int:
@@ -180,7 +153,7 @@ def _nbytes(info) -> int:
     return n
 
 
-def _layout_values(mod, path: Path, actual: Mapping):
+def _layout_values(mod, path: Path):
     """Values in the layout's own names when the layout can give them, else the canonical stream."""
     if hasattr(mod, "iter_stored"):
         return mod.iter_stored(path)

@@ -11,7 +11,8 @@ import torch
 
 from gptoss_verify.config import preset
 from gptoss_verify.distributed.launch import Case, Config, spawn
-from gptoss_verify.formats import hf, megatron
+from gptoss_verify.formats import hf
+from gptoss_verify.formats.megatron import legacy as megatron
 from gptoss_verify.trace import LAYER_POINTS
 from gptoss_verify.weights import random_weights
 

@@ -93,7 +93,7 @@ def test_dequantize_writes_the_decoded_values(sources, tmp_path):
     assert sum(d.decoded for d in diffs) == 2 * 4
 
 
-# ---- Megatron (the layouts live in formats/megatron.py and formats/megatron_dist.py) --------------
+# ---- Megatron (the layouts live in formats/megatron/legacy.py and formats/megatron/dist.py) ------
 def _megatron_available(name: str) -> bool:
     return name in layout.available()
 

@@ -122,13 +122,13 @@ def test_index_naming_a_missing_file(tmp_path):
 def test_prefetch_reads_the_named_tensors_in_file_order_and_nothing_else(tmp_path, monkeypatch):
     """`SafetensorsSource.prefetch` (HF -> Megatron reads the next layer ahead) asks for exactly the
     named tensors' spans, MXFP4 pairs included, sorted by file and offset; reads still match."""
-    from gptoss_verify.formats import megatron_source
+    from gptoss_verify.formats.megatron import source as megatron_source
     g = torch.Generator().manual_seed(1)
     tensors = {"x.gate_up_proj_blocks": torch.randint(0, 256, (2, 3, 4, 16), generator=g, dtype=torch.uint8),
                "x.gate_up_proj_scales": torch.randint(100, 140, (2, 3, 4), generator=g, dtype=torch.uint8),
                "y.weight": torch.randn(5, 4, generator=g).to(torch.bfloat16), "z.weight": torch.randn(6, generator=g)}
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    from gptoss_verify.formats import readahead
+    from gptoss_verify.formats.fileio import readahead
     asked = []
     real = readahead._read
     monkeypatch.setattr(readahead, "_read", lambda file, parts, stop: (asked.append((file, parts)), real(file, parts, stop)))

@@ -1,4 +1,4 @@
-"""Our torch.save container writer (`formats/torch_zip.py`, used by the Megatron rank files):
+"""Our torch.save container writer (`formats/fileio/torch_zip.py`, used by the Megatron rank files):
 the bytes torch.save writes, loadable by torch.load (mmap too), valid zip (CRCs), 64-byte aligned
 data, ZIP64 past 4 GiB (threshold lowered here; the real size is a slow opt-in test)."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptoss_verify.formats import torch_zip
-from gptoss_verify.formats.megatron_torchfile import StreamingTorchFile
-from gptoss_verify.formats.torch_zip import TorchZipWriter, tensor_bytes
+from gptoss_verify.formats.fileio import torch_zip
+from gptoss_verify.formats.fileio.torch_save_file import StreamingTorchFile
+from gptoss_verify.formats.fileio.torch_zip import TorchZipWriter, tensor_bytes
 
 
 def _tensors() -> collections.OrderedDict:
@@ -202,7 +202,7 @@ def test_real_zip64_matches_torch_save(tmp_path):
 def test_a_stored_tensor_reads_into_a_destination(tmp_path):
     """`StoredTensor.load(out=)` (the Megatron reader fills vocabulary rows in place): contiguous
     records straight into `out`, a record saved as a strided view through a copy, a wrong shape refused."""
-    from gptoss_verify.formats.megatron_torchfile import index
+    from gptoss_verify.formats.fileio.torch_save_file import index
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     torch.save({"plain": base.clone(), "view": base.t()}, tmp_path / "x.pt")
     stored = index(tmp_path / "x.pt")

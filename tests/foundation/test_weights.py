@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from gptoss_verify.config import preset
-from gptoss_verify.weights import canonical_shapes, iter_random_weights, random_weights
+from gptoss_verify.schema import canonical_shapes
+from gptoss_verify.weights import iter_random_weights, random_weights
 
 TINY = preset("tiny")
 

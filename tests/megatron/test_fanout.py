@@ -7,11 +7,12 @@ import zipfile
 import pytest
 import torch
 
-from gptoss_verify.formats import megatron
+from gptoss_verify.formats.megatron import legacy as megatron
+from gptoss_verify.formats.megatron.files import Layout
 from gptoss_verify.formats.errors import CheckpointError
-from gptoss_verify.formats.fanout_writer import FanOutWriter
-from gptoss_verify.formats.megatron_source import MappingSource
-from gptoss_verify.formats.megatron_torchfile import StreamingTorchFile
+from gptoss_verify.formats.fileio.fanout_writer import FanOutWriter
+from gptoss_verify.formats.megatron.source import MappingSource
+from gptoss_verify.formats.fileio.torch_save_file import StreamingTorchFile
 
 
 @pytest.mark.parametrize("tp,ep,pp", [(2, 2, 1), (4, 2, 2)])
@@ -20,7 +21,7 @@ def test_copy_keys_name_exactly_the_ranks_with_equal_bytes(tiny_weights, tp, ep,
     ranks with equal keys must hold bit-equal tensors, ranks with different keys different ones
     (the random weights make every tensor-parallel piece and every expert distinct)."""
     spec, weights = tiny_weights
-    lay = megatron.Layout(tp, ep, pp)
+    lay = Layout(tp, ep, pp)
     src = MappingSource(weights)
     for s in range(pp):
         plans = {(t, p): megatron.rank_plan(spec, lay, t, s, p) for t in range(tp) for p in range(ep)}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from gptoss_verify.formats import megatron
+from gptoss_verify.formats.megatron import legacy as megatron
+from gptoss_verify.formats.megatron.mapping import padded_vocab_size
 
 
 def _load(root, t, s, p, tp, ep, pp):
@@ -79,5 +80,5 @@ def test_rebuild_qkv_gate_up_down_from_shards(tiny_weights, tmp_path):
 
 def test_padded_vocab_rule():
     # Megatron-LM calculate_padded_vocab_size: ceil(V / (128 * TP)) * 128 * TP
-    assert [megatron.padded_vocab_size(201088, t, True) for t in (1, 2, 4, 8)] == [201088, 201216, 201216, 201728]
-    assert megatron.padded_vocab_size(201088, 8, False) == 201088
+    assert [padded_vocab_size(201088, t, True) for t in (1, 2, 4, 8)] == [201088, 201216, 201216, 201728]
+    assert padded_vocab_size(201088, 8, False) == 201088

@@ -6,7 +6,8 @@ import itertools
 import pytest
 import torch
 
-from gptoss_verify.formats import canonical, megatron
+from gptoss_verify.formats import canonical
+from gptoss_verify.formats.megatron import legacy as megatron
 from gptoss_verify.formats.errors import CheckpointError
 
 

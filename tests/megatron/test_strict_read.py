@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_verify.formats import megatron
+from gptoss_verify.formats.megatron import legacy as megatron
 from gptoss_verify.formats.errors import CheckpointError
 
 
@@ -103,7 +103,7 @@ def test_sequential_mlp_spelling_and_extra_state_accepted(written):
 
 def test_load_rank_reads_its_file_only(written, monkeypatch):
     spec, w, root = written
-    import gptoss_verify.formats.megatron as m
+    import gptoss_verify.formats.megatron.legacy as m
     opened = []
     real = m.index
     monkeypatch.setattr(m, "index", lambda path: opened.append(str(path)) or real(path))

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from gptoss_verify.formats import layout, megatron, megatron_dist
+from gptoss_verify.formats import layout
+from gptoss_verify.formats.megatron import dist as megatron_dist
+from gptoss_verify.formats.megatron import legacy as megatron
 from gptoss_verify.formats.errors import CheckpointError
 
 

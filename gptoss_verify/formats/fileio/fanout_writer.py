@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .megatron_torchfile import StreamingTorchFile
+from .torch_save_file import StreamingTorchFile
 from .torch_zip import tensor_bytes
 
 

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from . import canonical, mxfp4
-from .errors import CheckpointError
-from .readahead import ReadAhead
-from .tensor_ops import contiguous, transpose_copy
+from ...schema import is_expert_weight
+from .. import mxfp4
+from ..errors import CheckpointError
+from ..fileio.readahead import ReadAhead
+from ..tensor_ops import contiguous, transpose_copy
 
 
 class Source:
@@ -66,7 +67,7 @@ class MappingSource(Source):
     def _get(self, name: str) -> torch.Tensor:
         if name in self.mapping:
             return self.mapping[name]
-        if canonical.is_expert_weight(name) and name + "_blocks" in self.mapping:
+        if is_expert_weight(name) and name + "_blocks" in self.mapping:
             return _Lazy(self.mapping[name + "_blocks"], self.mapping[name + "_scales"], name, self.dtype)
         raise CheckpointError(f"source: missing tensor {name}")
 
@@ -149,7 +150,7 @@ class SpoolSource(Source):
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self.index:
             return self.index[name][1]
-        if canonical.is_expert_weight(name) and name + "_blocks" in self.index:
+        if is_expert_weight(name) and name + "_blocks" in self.index:
             e, out, groups, _ = self.index[name + "_blocks"][1]
             return (e, groups * mxfp4.BLOCK, out)
         raise CheckpointError(f"source: missing tensor {name}")
@@ -158,7 +159,7 @@ class SpoolSource(Source):
         if name in self.index:
             t = self._read(name, start, stop)
             return t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
-        if canonical.is_expert_weight(name) and name + "_blocks" in self.index:
+        if is_expert_weight(name) and name + "_blocks" in self.index:
             if name + "_scales" not in self.index:
                 raise CheckpointError(f"source: {name}_blocks came without {name}_scales")
             try:
@@ -169,7 +170,7 @@ class SpoolSource(Source):
         raise CheckpointError(f"source: missing tensor {name}")
 
     def expert_t(self, name: str, e: int, order: torch.Tensor | None = None) -> torch.Tensor:
-        if name not in self.index and canonical.is_expert_weight(name) and name + "_blocks" in self.index:
+        if name not in self.index and is_expert_weight(name) and name + "_blocks" in self.index:
             if name + "_scales" not in self.index:
                 raise CheckpointError(f"source: {name}_blocks came without {name}_scales")
             return _decode_rows(self._read(name + "_blocks", e, e + 1)[0], self._read(name + "_scales", e, e + 1)[0],
@@ -211,7 +212,7 @@ class SafetensorsSource(SpoolSource):
                          if (info := self.infos.get(stored)) is not None)
 
     def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        from .safetensors_io import check_finite
+        from ..safetensors_io import check_finite
         info = self.infos[name]
         row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         n = (stop - start) * row

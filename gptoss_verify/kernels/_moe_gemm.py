@@ -111,9 +111,9 @@ def _store_partial(part_ptr, acc, slot, row_ok, offs_n, n_ok, N, stride_ps):
     tl.store(base + slot[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["num_m", "k_per_split"])
+@triton.jit(do_not_specialize=["num_m", "steps_per_split"])
 def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, part_ptr, sorted_slot_ptr, block_expert_ptr,
-                   block_rows_ptr, N, K, num_m, k_per_split, stride_h, stride_we, stride_wk, stride_wn, stride_se,
+                   block_rows_ptr, N, K, num_m, steps_per_split, stride_h, stride_we, stride_wk, stride_wn, stride_se,
                    stride_sn, stride_be, stride_act, stride_ps, alpha, limit,
                    TOPK: tl.constexpr, MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
@@ -131,7 +131,7 @@ def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, part_ptr, sorted_slot
     n_ok = offs_n < N
     a_base = h_ptr + token[:, None] * stride_h
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_lo, k_hi = _k_range(K, k_per_split, SPLIT_K)
+    k_lo, k_hi = _k_range(K, steps_per_split, SPLIT_K, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
@@ -148,11 +148,12 @@ def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, part_ptr, sorted_slot
 
 
 @triton.jit
-def _k_range(K, k_per_split, SPLIT_K: tl.constexpr):
-    """This program's slice of K: all of it, or slice program_id(1) of k_per_split (a BLOCK_K multiple)."""
+def _k_range(K, steps_per_split, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's slice of K: all of it, or slice program_id(1) of steps_per_split BLOCK_K steps
+    (written as a multiple of BLOCK_K, so the compiler still knows the loads' alignment and pipelines them)."""
     if SPLIT_K > 1:
-        k_lo = tl.program_id(1) * k_per_split
-        return k_lo, tl.minimum(K, k_lo + k_per_split)
+        k_lo = tl.program_id(1) * steps_per_split * BLOCK_K
+        return k_lo, tl.minimum(K, k_lo + steps_per_split * BLOCK_K)
     return 0, K
 
 
@@ -180,9 +181,9 @@ def swiglu_kernel(part_ptr, bias_ptr, act_ptr, sorted_slot_ptr, block_expert_ptr
                   alpha, limit, BLOCK_M, BLOCK_N)
 
 
-@triton.jit(do_not_specialize=["num_m", "k_per_split"])
+@triton.jit(do_not_specialize=["num_m", "steps_per_split"])
 def down_kernel(act_ptr, w_ptr, s_ptr, bias_ptr, weights32_ptr, y_ptr, part_ptr, sorted_slot_ptr, block_expert_ptr,
-                block_rows_ptr, N, K, num_m, k_per_split, stride_act, stride_we, stride_wk, stride_wn, stride_se,
+                block_rows_ptr, N, K, num_m, steps_per_split, stride_act, stride_we, stride_wk, stride_wn, stride_se,
                 stride_sn, stride_be, stride_y, stride_ps,
                 MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr,
@@ -199,7 +200,7 @@ def down_kernel(act_ptr, w_ptr, s_ptr, bias_ptr, weights32_ptr, y_ptr, part_ptr,
     n_ok = offs_n < N
     a_base = act_ptr + rows[:, None] * stride_act
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_lo, k_hi = _k_range(K, k_per_split, SPLIT_K)
+    k_lo, k_hi = _k_range(K, steps_per_split, SPLIT_K, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:

@@ -203,10 +203,10 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
 
 
 def _splits(k_dim: int, block_k: int, wanted: int) -> tuple[int, int]:
-    """(programs per tile, K per program): `wanted` slices of K in whole BLOCK_K steps, none empty."""
+    """(programs per tile, BLOCK_K steps per program): `wanted` slices of K in whole steps, none empty."""
     steps = triton.cdiv(k_dim, block_k)
-    per = triton.cdiv(steps, max(1, min(wanted, steps))) * block_k
-    return triton.cdiv(k_dim, per), per
+    per = triton.cdiv(steps, max(1, min(wanted, steps)))
+    return triton.cdiv(steps, per), per
 
 
 class _FusedMoE(torch.autograd.Function):

@@ -283,7 +283,7 @@ def test_split_k_matches_unsplit(fmt):
     else:
         mx = None
         args = (h, rw, rb, gu, None, gub, dn, None, dnb, 4, ALPHA, LIMIT, 160, False)
-    assert kmoe._splits(160, 32, 3) == (3, 64) and kmoe._splits(64, 32, 4) == (2, 32)
+    assert kmoe._splits(160, 32, 3) == (3, 2) and kmoe._splits(64, 32, 4) == (2, 1)
     unsplit = kmoe._forward(*args, replace(base, split_k=1))
     split = kmoe._forward(*args, replace(base, split_k=3))
     again = kmoe._forward(*args, replace(base, split_k=3))

@@ -40,19 +40,26 @@ class MoEConfig:
     num_stages: int = 3
     dot_scaled: bool = True  # MXFP4: Triton's tl.dot_scaled (True) or our decode_tile (False)
     split_k: int = 1  # >1: each GEMM tile's K is summed by this many programs (float32 partials, fixed order)
+    own_decode: bool = False  # MXFP4, bf16/fp16: our decode (packed-register code for bf16 on sm_90) feeding
+    #                           a dot with the weights as the left operand, instead of tl.dot_scaled
 
 
 def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoEConfig:
-    """A tile shape from the mean rows per expert: skinny tiles for decode, wide ones for prefill."""
+    """A tile shape from the mean rows per expert: skinny tiles for decode, wide ones for prefill.
+    MXFP4 decode takes narrower weight tiles (more programs stream the experts), split over K when
+    there are only a few slots (reports/gpu-2026-12-02-h200-moe/: the sweeps behind these)."""
     if _interpreting():
         return MoEConfig(block_m=16, block_n1=64, block_n2=64, block_k=64, group_m=4, num_warps=4, num_stages=1)
     rows = tokens * k / experts
     if rows <= 16:
+        if mxfp4:
+            return MoEConfig(16, 64, 64, 128, 8, 4, 4, split_k=4 if tokens * k <= 16 else 1)
         return MoEConfig(16, 128, 128, 128, 8, 4, 4)
     if rows <= 64:
         return MoEConfig(64, 128, 128, 64, 8, 4, 4)
     if mxfp4:
-        return MoEConfig(128, 128, 128, 64, 8, 8, 3)
+        # each weight tile is decoded once per row block: taller blocks halve that where groups are big
+        return MoEConfig(256 if rows >= 256 else 128, 128, 128, 64, 8, 8, 3)
     return MoEConfig(128, 256, 128, 64, 8, 8, 3)
 
 
@@ -104,7 +111,9 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
                 h.new_empty(0, k))
     cfg = config or choose_config(t, e, k, mxfp4)
     ieee = dtype == torch.float32
-    scaled = mxfp4 and cfg.dot_scaled and not ieee  # tl.dot_scaled takes bf16/fp16 activations only
+    swap = mxfp4 and cfg.own_decode and not ieee
+    scaled = mxfp4 and cfg.dot_scaled and not ieee and not swap  # tl.dot_scaled takes bf16/fp16 activations only
+    asm = swap and dtype == torch.bfloat16 and not _interpreting() and torch.cuda.get_device_capability(dev)[0] >= 9
     lhs_format = "fp16" if dtype == torch.float16 else "bf16"
     h = h.contiguous()
     rw, rb, gub, dnb = rw.contiguous(), rb.contiguous(), gub.contiguous(), dnb.contiguous()
@@ -170,6 +179,7 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
             *w1, gub.stride(0), act.stride(0), ps1, float(alpha), float(limit),
             TOPK=k, MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             EVEN_K=hid % cfg.block_k == 0, IEEE=ieee, SCALED=scaled, LHS_FORMAT=lhs_format, SPLIT_K=split1,
+            SWAP=swap, ASM=asm,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if split1 > 1:
             _moe_gemm.swiglu_kernel[(num_m, triton.cdiv(n1, 128))](
@@ -181,6 +191,7 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
             act.stride(0), *w2, dnb.stride(0), y.stride(0), ps2,
             MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             EVEN_K=inter % cfg.block_k == 0, IEEE=ieee, SCALED=scaled, LHS_FORMAT=lhs_format, SPLIT_K=split2,
+            SWAP=swap, ASM=asm,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if scaled and _SCALED_FAILED:

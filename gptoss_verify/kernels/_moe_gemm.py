@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .mxfp4 import decode_tile, decode_tile_bf16
+from .mxfp4 import decode_tile
 
 
 @triton.jit
@@ -73,33 +73,11 @@ def _mx_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wn, stride_
 
 
 @triton.jit
-def _zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
-    """The float32 accumulator, transposed ([BLOCK_N, BLOCK_M]) when the weights are the left operand."""
-    if SWAP:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    return acc
-
-
-@triton.jit
 def _accumulate(acc, a, w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se, stride_sn,
                 MXFP4: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr, IEEE: tl.constexpr, LHS_FORMAT: tl.constexpr, SWAP: tl.constexpr,
-                ASM: tl.constexpr):
-    """acc + a @ W[e][k0:k0+BLOCK_K, offs_n]; MXFP4 either through tl.dot_scaled (SCALED) or decoded here.
-    SWAP (MXFP4, bf16/fp16 activations): the decoded weights are the left operand and acc is kept
-    transposed ([BLOCK_N, BLOCK_M]), so the decoded tile can feed the tensor cores from registers; ASM
-    decodes with `decode_tile_bf16`'s packed-register code (bf16 only)."""
-    if MXFP4 and SWAP:
-        packed, scales = _mx_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wn, stride_se, stride_sn,
-                                  BLOCK_K, EVEN_K)
-        if ASM:
-            w = decode_tile_bf16(packed, scales, BLOCK_N, BLOCK_K, True)
-        else:
-            w = decode_tile(packed, scales, BLOCK_N, BLOCK_K).to(a.dtype)
-        acc = tl.dot(w, tl.trans(a), acc)
-    elif MXFP4 and SCALED:
+                EVEN_K: tl.constexpr, IEEE: tl.constexpr, LHS_FORMAT: tl.constexpr):
+    """acc + a @ W[e][k0:k0+BLOCK_K, offs_n]; MXFP4 either through tl.dot_scaled (SCALED) or decoded here."""
+    if MXFP4 and SCALED:
         packed, scales = _mx_tile(w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wn, stride_se, stride_sn,
                                   BLOCK_K, EVEN_K)
         acc = tl.dot_scaled(a, None, LHS_FORMAT, tl.trans(packed), scales, "e2m1", acc=acc, fast_math=True)
@@ -142,8 +120,7 @@ def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, part_ptr, sorted_slot
                    stride_sn, stride_be, stride_act, stride_ps, alpha, limit,
                    TOPK: tl.constexpr, MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                   SCALED: tl.constexpr, LHS_FORMAT: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-                   ASM: tl.constexpr):
+                   SCALED: tl.constexpr, LHS_FORMAT: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
     nrows = tl.load(block_rows_ptr + pid_m)
     if nrows == 0:
@@ -156,7 +133,7 @@ def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, part_ptr, sorted_slot
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     a_base = h_ptr + token[:, None] * stride_h
-    acc = _zero_acc(BLOCK_M, BLOCK_N, SWAP)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_lo, k_hi = _k_range(K, steps_per_split, SPLIT_K, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -165,9 +142,7 @@ def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, part_ptr, sorted_slot
         else:
             a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
         acc = _accumulate(acc, a, w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se,
-                          stride_sn, MXFP4, SCALED, BLOCK_N, BLOCK_K, EVEN_K, IEEE, LHS_FORMAT, SWAP, ASM)
-    if SWAP:
-        acc = tl.trans(acc)
+                          stride_sn, MXFP4, SCALED, BLOCK_N, BLOCK_K, EVEN_K, IEEE, LHS_FORMAT)
     if SPLIT_K > 1:
         _store_partial(part_ptr, acc, slot, row_ok, offs_n, n_ok, N, stride_ps)
     else:
@@ -215,7 +190,7 @@ def down_kernel(act_ptr, w_ptr, s_ptr, bias_ptr, weights32_ptr, y_ptr, part_ptr,
                 stride_sn, stride_be, stride_y, stride_ps,
                 MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr,
-                LHS_FORMAT: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr):
+                LHS_FORMAT: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
     nrows = tl.load(block_rows_ptr + pid_m)
     if nrows == 0:
@@ -227,7 +202,7 @@ def down_kernel(act_ptr, w_ptr, s_ptr, bias_ptr, weights32_ptr, y_ptr, part_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     a_base = act_ptr + rows[:, None] * stride_act
-    acc = _zero_acc(BLOCK_M, BLOCK_N, SWAP)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_lo, k_hi = _k_range(K, steps_per_split, SPLIT_K, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -236,9 +211,7 @@ def down_kernel(act_ptr, w_ptr, s_ptr, bias_ptr, weights32_ptr, y_ptr, part_ptr,
         else:
             a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
         acc = _accumulate(acc, a, w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_wk, stride_wn, stride_se,
-                          stride_sn, MXFP4, SCALED, BLOCK_N, BLOCK_K, EVEN_K, IEEE, LHS_FORMAT, SWAP, ASM)
-    if SWAP:
-        acc = tl.trans(acc)
+                          stride_sn, MXFP4, SCALED, BLOCK_N, BLOCK_K, EVEN_K, IEEE, LHS_FORMAT)
     slot = tl.load(sorted_slot_ptr + pid_m * BLOCK_M + offs_m, mask=row_ok, other=0)
     if SPLIT_K > 1:
         _store_partial(part_ptr, acc, slot, row_ok, offs_n, n_ok, N, stride_ps)

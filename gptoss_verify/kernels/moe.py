@@ -40,8 +40,6 @@ class MoEConfig:
     num_stages: int = 3
     dot_scaled: bool = True  # MXFP4: Triton's tl.dot_scaled (True) or our decode_tile (False)
     split_k: int = 1  # >1: each GEMM tile's K is summed by this many programs (float32 partials, fixed order)
-    own_decode: bool = False  # MXFP4, bf16/fp16: our decode (packed-register code for bf16 on sm_90) feeding
-    #                           a dot with the weights as the left operand, instead of tl.dot_scaled
 
 
 def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoEConfig:
@@ -111,9 +109,7 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
                 h.new_empty(0, k))
     cfg = config or choose_config(t, e, k, mxfp4)
     ieee = dtype == torch.float32
-    swap = mxfp4 and cfg.own_decode and not ieee
-    scaled = mxfp4 and cfg.dot_scaled and not ieee and not swap  # tl.dot_scaled takes bf16/fp16 activations only
-    asm = swap and dtype == torch.bfloat16 and not _interpreting() and torch.cuda.get_device_capability(dev)[0] >= 9
+    scaled = mxfp4 and cfg.dot_scaled and not ieee  # tl.dot_scaled takes bf16/fp16 activations only
     lhs_format = "fp16" if dtype == torch.float16 else "bf16"
     h = h.contiguous()
     rw, rb, gub, dnb = rw.contiguous(), rb.contiguous(), gub.contiguous(), dnb.contiguous()
@@ -126,12 +122,13 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     counts = torch.empty(e, device=dev, dtype=torch.int32)  # zeroed by the router kernel
     rank = torch.empty(tk, device=dev, dtype=torch.int32)
     block_e = max(16, triton.next_power_of_2(e))
-    # router GEMM: tiles of tokens x experts, split over H until ~128 programs are busy
-    rt_t = 16 if t <= 2048 else 32
+    # router GEMM: tiles of tokens x experts, split over H until ~256 programs are busy (a prefill with
+    # one program per 32 x 32 tile walked all of H serially: 47 us at T = 4096 on the H200)
+    rt_t = 16 if t <= 256 else 64
     rt_e = 16 if t <= 256 else min(block_e, 64)
     tiles = triton.cdiv(t, rt_t) * triton.cdiv(e, rt_e)
     chunks = triton.cdiv(hid, 64)
-    splits = max(1, min(chunks, 128 // tiles))
+    splits = max(1, min(chunks, 256 // tiles))
     per_split = triton.cdiv(chunks, splits) * 64
     splits = triton.cdiv(hid, per_split)
     partial = torch.empty(splits, t, e, device=dev, dtype=torch.float32)
@@ -179,7 +176,6 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
             *w1, gub.stride(0), act.stride(0), ps1, float(alpha), float(limit),
             TOPK=k, MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             EVEN_K=hid % cfg.block_k == 0, IEEE=ieee, SCALED=scaled, LHS_FORMAT=lhs_format, SPLIT_K=split1,
-            SWAP=swap, ASM=asm,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if split1 > 1:
             _moe_gemm.swiglu_kernel[(num_m, triton.cdiv(n1, 128))](
@@ -191,7 +187,6 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
             act.stride(0), *w2, dnb.stride(0), y.stride(0), ps2,
             MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             EVEN_K=inter % cfg.block_k == 0, IEEE=ieee, SCALED=scaled, LHS_FORMAT=lhs_format, SPLIT_K=split2,
-            SWAP=swap, ASM=asm,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if scaled and _SCALED_FAILED:

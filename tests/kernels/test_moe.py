@@ -225,7 +225,7 @@ def test_mxfp4_bad_scales_shape():
 
 def test_mxfp4_dot_scaled_equals_own_decode():
     """Triton's tl.dot_scaled and our decode_tile read the checkpoint bytes the same way (fp16 here),
-    also with the decoded weights as the dot's left operand (MoEConfig.own_decode)."""
+    also split over K."""
     from dataclasses import replace
 
     from gptoss_verify.kernels import moe as kmoe
@@ -234,8 +234,7 @@ def test_mxfp4_dot_scaled_equals_own_decode():
     db, ds = mxfp4.from_hf_dense(dn.float().cpu())
     gb, gs, db, ds = (x.to(DEVICE) for x in (gb, gs, db, ds))
     base = kmoe.choose_config(9, 8, 4, mxfp4=True)
-    configs = (replace(base, dot_scaled=True), replace(base, dot_scaled=False), replace(base, own_decode=True),
-               replace(base, own_decode=True, split_k=2))  # the last two: weights as the left operand
+    configs = (replace(base, dot_scaled=True), replace(base, dot_scaled=False), replace(base, split_k=2))
     outs = [kmoe._forward(h, rw, rb, gb, gs, gub, db, ds, dnb, 4, ALPHA, LIMIT, 96, True, c) for c in configs]
     for other in outs[1:]:
         assert torch.equal(outs[0][2], other[2])

@@ -1,13 +1,18 @@
-"""Benchmark the fused MoE layer against transformers' experts and torch._grouped_mm, one table.
+"""Benchmark the fused MoE layer next to its peers, all measured in the same run.
 
 Rows per (E, T): ours (bf16 experts; MXFP4 experts), each timed per call (CUDA events) and as a
 CUDA-graph replay; transformers' `GptOssMLP` with `experts_implementation` "eager" (the Python loop)
 and "grouped_mm"; `torch._grouped_mm` for the two expert GEMMs alone (pre-sorted input, no routing,
-no bias, no activation). Columns: ms (median), TFLOP/s of the expert GEMMs (2·T·k·3·H·I), and the
-weight-bytes floor: bytes of the experts the routing touched / 3.0 TB/s, with floor/ms as a fraction.
+no bias, no activation); MXFP4 peers (transformers' MXFP4 experts, OpenAI's `triton_kernels`
+`matmul_ogs`) where they can run, else a row saying why not. Columns: ms (median), TFLOP/s of the
+expert GEMMs (2·T·k·3·H·I), and the weight-bytes floor: bytes of the experts the routing touched over
+the device-to-device copy bandwidth measured at the start of the run (`bench_attention.copy_bandwidth`,
+bytes read + written), with floor/ms as a fraction. A summary table puts our two paths next to the
+peers per (E, T) (graph replays where the implementation captures, else per call).
 
     python scripts/bench_moe.py --out reports/moe-bench.md [--experts 32 128] [--tokens 1 16 256 4096 16384]
-    python scripts/bench_moe.py --sweep   # time candidate tile shapes instead (E = 32, T = 16 and 4096)
+    python scripts/bench_moe.py --sweep     # time candidate tile shapes instead (SWEEP below)
+    python scripts/bench_moe.py --profile   # device time of each of our kernels (torch.profiler)
 """
 from __future__ import annotations
 
@@ -22,13 +27,15 @@ import triton
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_attention import copy_bandwidth  # noqa: E402
 from gptoss_verify.kernels import moe as kmoe  # noqa: E402
 
 H = I = 2880
 K = 4
 ALPHA, LIMIT = 1.702, 7.0
-BANDWIDTH = 3.0e12  # bytes/s, measured device-to-device copy on the H100 (KINDS.md)
+BANDWIDTH = [0.0]  # bytes/s: the copy bandwidth, measured at the start of the run (main)
 
 
 def layer(experts, seed=0):
@@ -121,14 +128,34 @@ def expert_bytes(fmt):
     return per + (2 * I + H) * 2
 
 
-def row(impl, fmt, e, t, ms, touched):
+def row(impl, fmt, e, t, ms, touched, bandwidth):
     flops = 2 * t * K * 3 * H * I
-    floor_ms = touched * expert_bytes(fmt) / BANDWIDTH * 1e3
+    floor_ms = touched * expert_bytes(fmt) / bandwidth * 1e3
     return [impl, fmt, e, t, f"{ms:.4f}", f"{flops / ms / 1e9:.1f}", f"{floor_ms:.4f}", f"{floor_ms / ms:.2f}"]
 
 
-def bench(args, flush):
-    rows = []
+def absent_mxfp4_peers():
+    """MXFP4 peers that cannot run here, each with the reason (a peer that runs has no entry)."""
+    import importlib.util
+    absent = {}
+    if importlib.util.find_spec("triton_kernels") is None:
+        absent["triton_kernels matmul_ogs (OpenAI)"] = (
+            "absent: `triton_kernels` is not importable here (it ships in the triton repository, not in the "
+            "triton wheel; no copy consistent with this triton was carried)")
+    else:
+        absent["triton_kernels matmul_ogs (OpenAI)"] = "absent: importable, but no driver for it is written here yet"
+    if importlib.util.find_spec("kernels") is None:
+        absent["transformers MXFP4 experts"] = (
+            "absent: transformers' MXFP4 path needs the hub `kernels` package (it downloads triton_kernels), "
+            "not installed and no network here")
+    else:
+        absent["transformers MXFP4 experts"] = "absent: `kernels` installed, but it fetches from the hub (no network)"
+    return absent
+
+
+def bench(args, flush, bandwidth):
+    rows, summary = [], []
+    absent = absent_mxfp4_peers()
     for e in args.experts:
         w = layer(e)
         mlps = {}
@@ -136,49 +163,137 @@ def bench(args, flush):
             try:
                 mlps[impl] = hf_mlp(e, w, impl)
             except Exception as exc:  # report, keep going
-                print(f"transformers {impl}: {type(exc).__name__}: {exc}", flush=True)
+                mlps[impl] = f"failed to build: {type(exc).__name__}: {exc}"[:160]
+                print(f"transformers {impl}: {mlps[impl]}", flush=True)
         for t in args.tokens:
             h = torch.randn(t, H, device="cuda").bfloat16()
             idx = ours(w, h, "bf16")[2]
             touched = int(torch.unique(idx).numel())
+            best = {}  # implementation -> (ms, how timed) for the summary
             cases = [("ours", "bf16", lambda: ours(w, h, "bf16"), True),
-                     ("ours", "mxfp4", lambda: ours(w, h, "mxfp4"), True)]
+                     ("ours", "mxfp4", lambda: ours(w, h, "mxfp4"), True),
+                     ("torch._grouped_mm GEMMs only", "bf16", grouped_gemms(w, idx, h), True)]
             for impl, mlp in mlps.items():
-                cases.append((f"transformers {impl}", "bf16", (lambda m=mlp: m(h[None])), False))
-            cases.append(("torch._grouped_mm GEMMs only", "bf16", grouped_gemms(w, idx, h), False))
+                name = f"transformers {impl}"
+                if isinstance(mlp, str):
+                    best[name] = (None, mlp)
+                elif impl == "eager" and t * e > args.eager_limit:
+                    best[name] = (None, "skipped (T·E above --eager-limit)")
+                else:
+                    cases.append((name, "bf16", (lambda m=mlp: m(h[None])), False))  # per call: may sync the host
             for impl, fmt, fn, graph in cases:
-                if impl == "transformers eager" and t * e > args.eager_limit:
-                    continue
+                key = f"{impl} {fmt}" if impl == "ours" else impl
                 try:
                     with torch.no_grad():
-                        rows.append(row(impl, fmt, e, t, time_events(fn), touched))
+                        ms = time_events(fn)
+                        rows.append(row(impl, fmt, e, t, ms, touched, bandwidth))
+                        best[key] = (ms, "per call")
                         print("  ", rows[-1], flush=True)
                         if graph:
-                            rows.append(row(impl + " (graph)", fmt, e, t, time_graph(fn), touched))
-                            print("  ", rows[-1], flush=True)
+                            try:
+                                gms = time_graph(fn)
+                            except Exception as exc:  # a peer that does not capture: keep its per-call time
+                                print(f"{impl} {fmt} E={e} T={t}: no graph: {type(exc).__name__}: {exc}", flush=True)
+                                torch.cuda.synchronize()
+                            else:
+                                rows.append(row(impl + " (graph)", fmt, e, t, gms, touched, bandwidth))
+                                best[key] = (gms, "graph")
+                                print("  ", rows[-1], flush=True)
                 except Exception as exc:
+                    best[key] = (None, f"failed: {type(exc).__name__}")
                     print(f"{impl} {fmt} E={e} T={t}: {type(exc).__name__}: {exc}", flush=True)
-            flush(rows)
+            for name, why in absent.items():
+                best[name] = (None, why)
+            summary.append((e, t, touched, best))
+            flush(rows, summary)
         del w, mlps
         torch.cuda.empty_cache()
-    return rows
+    return rows, summary
+
+
+SUMMARY = ["ours bf16", "ours mxfp4", "torch._grouped_mm GEMMs only", "transformers grouped_mm",
+           "transformers eager", "transformers MXFP4 experts", "triton_kernels matmul_ogs (OpenAI)"]
+
+
+def summary_table(summary, bandwidth):
+    """Ours next to the peers per (E, T), plus the two weight-bytes floors; absent peers say why below."""
+    lines, reasons = [], {}
+    for e, t, touched, best in summary:
+        cells = []
+        for name in SUMMARY:
+            ms, how = best.get(name, (None, "not run"))
+            if ms is None:
+                reasons.setdefault(name, how)
+                cells.append("–")
+            else:
+                cells.append(f"{ms:.3f}" + (" (g)" if how == "graph" else ""))
+        floors = [f"{touched * expert_bytes(f) / bandwidth * 1e3:.4f}" for f in ("bf16", "mxfp4")]
+        lines.append([e, t] + cells + floors)
+    head = ["E", "T"] + SUMMARY + ["bf16 floor", "MXFP4 floor"]
+    text = tabulate(lines, headers=head, tablefmt="github")
+    text += "\n\n(g): CUDA-graph replay with an L2 flush before each; otherwise per call (CUDA events). Floors: " \
+            f"bytes of the experts the routing touched at {bandwidth / 1e12:.2f} TB/s (copy, measured in this run)."
+    for name, why in reasons.items():
+        text += f"\n- {name}: {why}"
+    return text
+
+
+def profile(args):
+    """Device time per kernel of our forward (torch.profiler, 20 calls each), to place the time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    lines = []
+    for e in args.experts:
+        w = layer(e)
+        for t in args.tokens:
+            h = torch.randn(t, H, device="cuda").bfloat16()
+            for fmt in ("bf16", "mxfp4"):
+                with torch.no_grad():
+                    for _ in range(3):
+                        ours(w, h, fmt)
+                    torch.cuda.synchronize()
+                    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(20):
+                            ours(w, h, fmt)
+                        torch.cuda.synchronize()
+                total = 0.0
+                for ev in prof.key_averages():
+                    us = ev.device_time_total / 20 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 20
+                    if us <= 0:
+                        continue
+                    total += us
+                    lines.append([e, t, fmt, ev.key[:60], f"{us:.1f}"])
+                lines.append([e, t, fmt, "sum of kernels", f"{total:.1f}"])
+                print(tabulate(lines[-8:], tablefmt="plain"), flush=True)
+        del w
+        torch.cuda.empty_cache()
+    return tabulate(lines, headers=["E", "T", "experts", "kernel", "us per call"], tablefmt="github")
 
 
 C = kmoe.MoEConfig
-# run 1 (reports/moe-sweep-run1.md) settled the bf16 shapes; this compares the two MXFP4 decodes
+# (experts format, E, T) -> candidate tile shapes; the first of each list is choose_config's pick
 SWEEP = {
-    ("mxfp4", 16): [C(16, 128, 128, 128, 8, 4, 4, True), C(16, 128, 128, 128, 8, 4, 4, False),
-                    C(16, 64, 64, 128, 8, 4, 4, True), C(16, 64, 64, 256, 8, 4, 3, True)],
-    ("mxfp4", 4096): [C(128, 128, 128, 64, 8, 8, 3, True), C(128, 128, 128, 64, 8, 8, 3, False),
-                      C(128, 256, 128, 64, 8, 8, 3, True)],
+    ("mxfp4", 32, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4), C(16, 32, 32, 256, 8, 4, 3),
+                       C(16, 64, 64, 128, 8, 4, 4, split_k=2), C(16, 64, 64, 128, 8, 4, 4, split_k=8),
+                       C(16, 64, 64, 256, 8, 4, 3, split_k=4), C(16, 128, 128, 128, 8, 4, 4, split_k=4)],
+    ("bf16", 32, 1): [C(16, 128, 128, 128, 8, 4, 4), C(16, 128, 128, 128, 8, 4, 4, split_k=2),
+                      C(16, 64, 64, 128, 8, 4, 4, split_k=4)],
+    ("mxfp4", 32, 16): [C(16, 64, 64, 128, 8, 4, 4), C(16, 64, 64, 128, 8, 4, 4, split_k=2),
+                        C(16, 128, 128, 128, 8, 4, 4), C(16, 64, 64, 128, 8, 4, 5)],
+    ("mxfp4", 128, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4), C(16, 64, 64, 128, 8, 4, 4)],
+    ("mxfp4", 32, 4096): [C(256, 128, 128, 64, 8, 8, 3), C(128, 128, 128, 64, 8, 8, 3)],
 }
 
 
-def sweep(args, flush):
+def sweep(args, flush, bandwidth):
     rows = []
-    w = layer(32)
     deadline = time.time() + args.sweep_budget
-    for (fmt, t), configs in SWEEP.items():
+    layers = {}
+    for (fmt, e, t), configs in SWEEP.items():
+        if e not in layers:
+            layers.clear()
+            torch.cuda.empty_cache()
+            layers[e] = layer(e)
+        w = layers[e]
         h = torch.randn(t, H, device="cuda").bfloat16()
         ref = ours(w, h, fmt, configs[0])[0].float()
         touched = int(torch.unique(ours(w, h, fmt)[2]).numel())
@@ -190,20 +305,29 @@ def sweep(args, flush):
                 with torch.no_grad():
                     err = ((ours(w, h, fmt, cfg)[0].float() - ref).norm() / ref.norm()).item()
                     ms = time_graph(lambda: ours(w, h, fmt, cfg))
-                rows.append(row(str(cfg), fmt, 32, t, ms, touched) + [f"{err:.1e}"])
+                rows.append(row(str(cfg), fmt, e, t, ms, touched, bandwidth) + [f"{err:.1e}"])
                 print("  ", rows[-1], flush=True)
                 flush(rows)
             except Exception as exc:
-                print(f"sweep {cfg} {fmt} T={t}: {type(exc).__name__}: {exc}", flush=True)
+                print(f"sweep {cfg} {fmt} E={e} T={t}: {type(exc).__name__}: {exc}", flush=True)
     return rows
 
 
-def header():
+def header(bandwidth):
     import transformers
     props = torch.cuda.get_device_properties(0)
     return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {props.name} "
             f"({props.multi_processor_count} SMs), torch {torch.__version__}, triton {triton.__version__}, "
-            f"transformers {transformers.__version__}, H = I = {H}, top-{K}")
+            f"transformers {transformers.__version__}, H = I = {H}, top-{K}; copy bandwidth measured in this run "
+            f"{bandwidth / 1e12:.2f} TB/s (read + written)")
+
+
+def write(path, text):
+    """Write atomically (temp name, then rename), so a cut-off run leaves the last whole table."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -213,29 +337,38 @@ def main(argv=None) -> int:
     p.add_argument("--eager-limit", type=int, default=128 * 16384, help="skip the eager loop above T·E")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-budget", type=float, default=150.0, help="seconds")
+    p.add_argument("--profile", action="store_true", help="device time per kernel of ours instead")
     p.add_argument("--out", help="markdown file to write (atomically)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_moe: needs a CUDA GPU", file=sys.stderr)
         return 2
-    head = header()
+    bandwidth = copy_bandwidth()
+    head = header(bandwidth)
     print(head, flush=True)
     cols = ["implementation", "experts", "E", "T", "ms", "TFLOP/s", "floor ms", "floor/ms"]
     if args.sweep:
         cols = cols + ["rel err vs first"]
 
-    def flush(rows):
-        """Rewrite the table (atomically) after every step, so a cut-off run still leaves one."""
-        text = f"{head}\n\n{tabulate(rows, headers=cols, tablefmt='github')}\n"
+    def flush(rows, summary=None):
+        """Rewrite the tables after every step, so a cut-off run still leaves them."""
+        text = head + "\n\n"
+        if summary:
+            text += summary_table(summary, bandwidth) + "\n\n"
+        text += tabulate(rows, headers=cols, tablefmt="github") + "\n"
         if args.out:
-            tmp = args.out + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, args.out)
+            write(args.out, text)
         return text
 
-    rows = sweep(args, flush) if args.sweep else bench(args, flush)
-    print(flush(rows), flush=True)
+    if args.profile:
+        text = head + "\n\n" + profile(args) + "\n"
+        if args.out:
+            write(args.out, text)
+    elif args.sweep:
+        text = flush(sweep(args, flush, bandwidth))
+    else:
+        text = flush(*bench(args, flush, bandwidth))
+    print(text, flush=True)
     if kmoe._SCALED_FAILED:
         print("tl.dot_scaled failed here; MXFP4 rows used the in-kernel decode:", kmoe._SCALED_FAILED[0])
     return 0

@@ -21,10 +21,16 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["T", "h_per_split"])
-def router_logits_kernel(h_ptr, w_ptr, partial_ptr, T, H, E, h_per_split, stride_h, stride_w,
-                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr):
+def router_logits_kernel(h_ptr, w_ptr, partial_ptr, counts_ptr, T, H, E, h_per_split, stride_h, stride_w,
+                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr,
+                         ALL_E: tl.constexpr):
     """partial[s, t, e] = Σ_{h in split s} h[t, h]·W[e, h]: the router GEMM split over T, E and H so
-    that a few tokens still spread over the whole chip (the splits are summed in order later)."""
+    that a few tokens still spread over the whole chip (the splits are summed in order later).
+    The first program also zeroes the per-expert slot counts that the top-k kernel, launched after
+    this one, counts into (one launch fewer than a separate memset)."""
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+        every = tl.arange(0, ALL_E)
+        tl.store(counts_ptr + every, tl.zeros([ALL_E], dtype=tl.int32), mask=every < E)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     split = tl.program_id(2)

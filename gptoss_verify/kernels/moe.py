@@ -1,7 +1,7 @@
 """The fused MoE: `fused_moe` (dense bf16/fp16/fp32 experts) and `fused_moe_mxfp4` (checkpoint MXFP4
 experts decoded in the GEMM inner loop), both with the reference `model.moe.moe` signature and return.
 
-Forward, six Triton launches and one memset, no host synchronisation (CUDA-graph capturable):
+Forward, six Triton launches (eight with split-K), no host synchronisation (CUDA-graph capturable):
 router GEMM (split over tokens, experts and H) -> top-k (bias, top-k, softmax over the k,
 per-expert counts) -> align (group slots by expert) -> GEMM 1 (gate_up + bias + clamped SwiGLU) -> GEMM 2 (down + bias, × routing weight) ->
 combine (deterministic sum of each token's k slots). Accumulation is float32 throughout; the
@@ -39,18 +39,23 @@ class MoEConfig:
     num_warps: int = 4
     num_stages: int = 3
     dot_scaled: bool = True  # MXFP4: Triton's tl.dot_scaled (True) or our decode_tile (False)
+    split_k: int = 1  # >1: each GEMM tile's K is summed by this many programs (float32 partials, fixed order)
 
 
 def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoEConfig:
-    """A tile shape from the mean rows per expert: skinny tiles for decode, wide ones for prefill."""
+    """A tile shape from the mean rows per expert: skinny tiles for decode, wide ones for prefill.
+    MXFP4 decode takes narrower weight tiles (more programs stream the experts), split over K when
+    there are only a few slots (reports/gpu-2026-12-02-h200-moe/: the sweeps behind these)."""
     if _interpreting():
         return MoEConfig(block_m=16, block_n1=64, block_n2=64, block_k=64, group_m=4, num_warps=4, num_stages=1)
     rows = tokens * k / experts
     if rows <= 16:
+        if mxfp4:
+            return MoEConfig(16, 64, 64, 128, 8, 4, 4, split_k=4 if tokens * k <= 16 else 1)
         return MoEConfig(16, 128, 128, 128, 8, 4, 4)
     if rows <= 64:
         return MoEConfig(64, 128, 128, 64, 8, 4, 4)
-    if mxfp4:
+    if mxfp4:  # 256-row blocks (half the decodes) were within run-to-run noise of these (sweep-3)
         return MoEConfig(128, 128, 128, 64, 8, 8, 3)
     return MoEConfig(128, 256, 128, 64, 8, 8, 3)
 
@@ -113,21 +118,22 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     idx = torch.empty(t, k, device=dev, dtype=torch.int64)
     weights = torch.empty(t, k, device=dev, dtype=dtype)
     weights32 = torch.empty(tk, device=dev, dtype=torch.float32)
-    counts = torch.zeros(e, device=dev, dtype=torch.int32)
+    counts = torch.empty(e, device=dev, dtype=torch.int32)  # zeroed by the router kernel
     rank = torch.empty(tk, device=dev, dtype=torch.int32)
     block_e = max(16, triton.next_power_of_2(e))
-    # router GEMM: tiles of tokens x experts, split over H until ~128 programs are busy
-    rt_t = 16 if t <= 2048 else 32
+    # router GEMM: tiles of tokens x experts, split over H until ~256 programs are busy (a prefill with
+    # one program per 32 x 32 tile walked all of H serially: 47 us at T = 4096 on the H200)
+    rt_t = 16 if t <= 256 else 64
     rt_e = 16 if t <= 256 else min(block_e, 64)
     tiles = triton.cdiv(t, rt_t) * triton.cdiv(e, rt_e)
     chunks = triton.cdiv(hid, 64)
-    splits = max(1, min(chunks, 128 // tiles))
+    splits = max(1, min(chunks, 256 // tiles))
     per_split = triton.cdiv(chunks, splits) * 64
     splits = triton.cdiv(hid, per_split)
     partial = torch.empty(splits, t, e, device=dev, dtype=torch.float32)
     _moe_routing.router_logits_kernel[(triton.cdiv(t, rt_t), triton.cdiv(e, rt_e), splits)](
-        h, rw, partial, t, hid, e, per_split, h.stride(0), rw.stride(0),
-        BLOCK_T=rt_t, BLOCK_E=rt_e, BLOCK_H=64, IEEE=ieee, num_warps=4)
+        h, rw, partial, counts, t, hid, e, per_split, h.stride(0), rw.stride(0),
+        BLOCK_T=rt_t, BLOCK_E=rt_e, BLOCK_H=64, IEEE=ieee, ALL_E=block_e, num_warps=4)
     block_t = 16
     _moe_routing.router_topk_kernel[(triton.cdiv(t, block_t),)](
         partial, rb, logits, idx, weights, weights32, counts, rank, t, e, splits,
@@ -155,19 +161,31 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
         s1, s2 = gu_w, dn_w  # unused placeholders
     y = torch.empty(tk, hid, device=dev, dtype=dtype)  # weighted slot outputs, rounded once
 
-    def gemms(scaled):
-        _moe_gemm.gate_up_kernel[(num_m * triton.cdiv(n1, cfg.block_n1),)](
-            h, gu_w, s1, gub, act, sorted_slot, block_expert, block_rows, n1, hid, num_m, h.stride(0), *w1,
-            gub.stride(0), act.stride(0), float(alpha), float(limit),
-            TOPK=k, MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            EVEN_K=hid % cfg.block_k == 0, IEEE=ieee, SCALED=scaled, LHS_FORMAT=lhs_format,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # split-K: slices of K in whole BLOCK_K steps; partials in slot order, float32
+    split1, per1 = _splits(hid, cfg.block_k, cfg.split_k)
+    split2, per2 = _splits(inter, cfg.block_k, cfg.split_k)
+    part1 = torch.empty(split1, tk, n1, device=dev, dtype=torch.float32) if split1 > 1 else y
+    part2 = torch.empty(split2, tk, hid, device=dev, dtype=torch.float32) if split2 > 1 else y
+    ps1 = part1.stride(0) if split1 > 1 else 0
+    ps2 = part2.stride(0) if split2 > 1 else 0
 
-        _moe_gemm.down_kernel[(num_m * triton.cdiv(hid, cfg.block_n2),)](
-            act, dn_w, s2, dnb, weights32, y, sorted_slot, block_expert, block_rows, hid, inter, num_m,
-            act.stride(0), *w2, dnb.stride(0), y.stride(0),
+    def gemms(scaled):
+        _moe_gemm.gate_up_kernel[(num_m * triton.cdiv(n1, cfg.block_n1), split1)](
+            h, gu_w, s1, gub, act, part1, sorted_slot, block_expert, block_rows, n1, hid, num_m, per1, h.stride(0),
+            *w1, gub.stride(0), act.stride(0), ps1, float(alpha), float(limit),
+            TOPK=k, MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            EVEN_K=hid % cfg.block_k == 0, IEEE=ieee, SCALED=scaled, LHS_FORMAT=lhs_format, SPLIT_K=split1,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if split1 > 1:
+            _moe_gemm.swiglu_kernel[(num_m, triton.cdiv(n1, 128))](
+                part1, gub, act, sorted_slot, block_expert, block_rows, n1, split1, ps1, gub.stride(0),
+                act.stride(0), float(alpha), float(limit), BLOCK_M=bm, BLOCK_N=128, num_warps=4)
+
+        _moe_gemm.down_kernel[(num_m * triton.cdiv(hid, cfg.block_n2), split2)](
+            act, dn_w, s2, dnb, weights32, y, part2, sorted_slot, block_expert, block_rows, hid, inter, num_m, per2,
+            act.stride(0), *w2, dnb.stride(0), y.stride(0), ps2,
             MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            EVEN_K=inter % cfg.block_k == 0, IEEE=ieee, SCALED=scaled, LHS_FORMAT=lhs_format,
+            EVEN_K=inter % cfg.block_k == 0, IEEE=ieee, SCALED=scaled, LHS_FORMAT=lhs_format, SPLIT_K=split2,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if scaled and _SCALED_FAILED:
@@ -184,8 +202,16 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     out = torch.empty(t, hid, device=dev, dtype=dtype)
     block_n = 256 if hid >= 256 else triton.next_power_of_2(hid)
     _moe_gemm.combine_kernel[(t, triton.cdiv(hid, block_n))](
-        y, out, hid, y.stride(0), out.stride(0), TOPK=k, BLOCK_N=block_n, num_warps=4)
+        y, out, part2, idx, weights32, dnb, hid, split2, y.stride(0), out.stride(0), ps2, dnb.stride(0),
+        TOPK=k, BLOCK_N=block_n, SPLIT_K=split2, num_warps=4)
     return out, logits, idx, weights
+
+
+def _splits(k_dim: int, block_k: int, wanted: int) -> tuple[int, int]:
+    """(programs per tile, BLOCK_K steps per program): `wanted` slices of K in whole steps, none empty."""
+    steps = triton.cdiv(k_dim, block_k)
+    per = triton.cdiv(steps, max(1, min(wanted, steps)))
+    return triton.cdiv(steps, per), per
 
 
 class _FusedMoE(torch.autograd.Function):

@@ -29,3 +29,4 @@ def decode_tile(packed, scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     bits = tl.where(code >= 2, (code << 22) + base, tl.where(code == 1, base, 0))
     bits = bits | ((nib & 8) << 28)
     return bits.to(tl.float32, bitcast=True)
+

@@ -117,3 +117,4 @@ def test_truth_rule_at_published_shapes(experts, fmt, t):
     numbers = check_truth_rule(fused, ref, truth, f"E={experts} {fmt} T={t}")
     print(f"E={experts} {fmt} T={t}: {numbers}")
     torch.cuda.empty_cache()
+

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .consequence import Consequence, ConsequenceResult
 from .deps import CheckpointError, ModelSpec, dtype_name
 from .diagnose import Diagnosis, diagnose, diagnose_qkv
-from .sources import Side, open_side
+from .sources import Side, open_side, same_spec
 from .tensors import MXFP4, ErrorStats, Held, bytes_equal, error_stats, lower_dense_dtype, units, values_equal
 
 OK_STATUSES = ("bit-exact", "same-values", "rounding")
@@ -242,7 +242,7 @@ def _floating(a: Held, b: Held) -> bool:
 def _qkv_across(layer: int, group: dict[str, tuple[Held, Held, TensorResult]], spec_a: ModelSpec,
                 spec_b: ModelSpec) -> None:
     """Head blocks moved between q, k and v: one diagnosis for the layer's differing projections."""
-    if spec_a != spec_b or all(r.ok for _, _, r in group.values()):
+    if not same_spec(spec_a, spec_b) or all(r.ok for _, _, r in group.values()):
         return
     for kind in ("weight", "bias"):
         names = {p: f"self_attn.{p}.{kind}" for p in ("q_proj", "k_proj", "v_proj")}

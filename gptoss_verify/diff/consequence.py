@@ -18,6 +18,7 @@ import torch
 
 from .deps import (LAYER_POINTS, LAYER_TENSORS, DecoderLayer, ModelSpec, Trace, block_functions, canonical_table,
                    cos_sin, is_expert_weight, layer_name, rms_norm)
+from .sources import same_spec
 from .tensors import Held
 
 _LOGIT_ROWS = 16384  # lm_head rows cast to float32 at a time
@@ -105,7 +106,7 @@ class Consequence:
         if self.x["A"] is None and "model.embed_tokens.weight" in held["A"]:
             for side in ("A", "B"):
                 self.x[side] = held[side].pop("model.embed_tokens.weight")[self.ids].float()
-            self.identical = self.same.pop("model.embed_tokens.weight") and self.specs["A"] == self.specs["B"]
+            self.identical = self.same.pop("model.embed_tokens.weight") and same_spec(*self.specs.values())
             if not self.identical:
                 self._part("embed", self.x["A"], self.x["B"])
         while self.x["A"] is not None and self.next_layer < self.max_layers:

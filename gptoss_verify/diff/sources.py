@@ -40,6 +40,11 @@ class Side:
         return _strict_stream(self)
 
 
+def same_spec(a: ModelSpec, b: ModelSpec) -> bool:
+    """Equal in every architectural number (a spec's `name` is only where it was read from)."""
+    return dataclasses.replace(a, name="") == dataclasses.replace(b, name="")
+
+
 def open_side(label: str, path: str | Path) -> Side:
     """Detect the layout and read the config (a bad config fails here, naming file and field)."""
     path = Path(path)

@@ -150,7 +150,7 @@ def compare_pair(name: str, a: Held, b: Held) -> TensorResult:
     low = lower_dense_dtype(a.form, b.form)
     high_side, low_side = ("A", "B") if low == tb.dtype else ("B", "A")
     if values_equal(ta, tb, low):
-        r.status, r.how = "rounding", f"{low_side} == {high_side}.to({dtype_name(low).lower()}) exactly"
+        r.status, r.how = "rounding", f"{low_side} == {high_side}.to({str(low).removeprefix('torch.')}) exactly"
     return r
 
 

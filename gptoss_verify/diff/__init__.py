@@ -1,0 +1,8 @@
+"""`gptoss-verify diff`: does checkpoint B hold the same model as A, and if not, where and how.
+
+sources (any layout -> canonical stream) -> compare (configs, tensor pairs, statuses) ->
+diagnose (the transform catalogue) and consequence (both through our model, layer by layer) ->
+report (markdown, JSON). `command` is the CLI wiring. Imports from the rest of the project live
+in `deps` only.
+"""
+from .command import add_arguments, add_parser, run, run_args  # noqa: F401

@@ -30,6 +30,7 @@ MODULES: tuple[str, ...] = (
     "convert",
     "roundtrip",
     "sharded_forward",
+    "diff",
 )
 
 

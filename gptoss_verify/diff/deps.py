@@ -10,14 +10,15 @@ from __future__ import annotations
 from ..config import ConfigError, ModelSpec  # noqa: F401
 from ..formats import layout as layouts  # noqa: F401
 from ..formats import openai as openai_layout  # noqa: F401
-from ..formats.canonical import canonical_table, is_expert_weight  # noqa: F401
+from ..formats.canonical import canonical_table  # noqa: F401
 from ..formats.errors import CheckpointError  # noqa: F401
 from ..formats.mxfp4 import SCALE_BIAS, from_hf_dense, to_hf_dense  # noqa: F401
-from ..formats.safetensors_io import SafetensorsDir, dtype_name  # noqa: F401
+from ..formats.safetensors_io import SafetensorsDir, dtype_code as dtype_name  # noqa: F401
 from ..formats.validate import table_violations  # noqa: F401
-from ..model.model import DecoderLayer, block_functions  # noqa: F401
+from ..backends import block_functions  # noqa: F401
+from ..model.model import DecoderLayer  # noqa: F401
 from ..model.norm import rms_norm  # noqa: F401
 from ..model.rope import cos_sin  # noqa: F401
-from ..parity.trace import LAYER_POINTS, Trace, layer_name  # noqa: F401
+from ..schema import LAYER_TENSORS, is_expert_weight  # noqa: F401
+from ..trace import LAYER_POINTS, Trace, layer_name  # noqa: F401
 from ..report import environment, table, write_atomic  # noqa: F401
-from ..weights import LAYER_TENSORS  # noqa: F401

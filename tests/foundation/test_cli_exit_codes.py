@@ -66,6 +66,10 @@ CASES: dict[str, Cases] = {
         usage=lambda f: [f.ckpt],  # no --reference
         bad_input=lambda f: ([f.ckpt, "--reference", f.ckpt], f.ckpt.name),  # HF, not Megatron
         passing=None),  # spawns processes: tests/distributed/test_sharded_forward.py::test_cli_report_and_exit_status
+    "diff": Cases(
+        usage=lambda f: [f.ckpt],  # no B
+        bad_input=lambda f: ([f.ckpt, f.bad_ckpt], "config.json"),
+        passing=lambda f: [f.ckpt, f.ckpt, "--tokens", "4", "--json", f.tmp / "d.json"]),
 }
 
 

@@ -32,8 +32,7 @@ def resolve(name: str, **options) -> Subject:
         from .transformers_hf import HFMXFP4Subject
         return HFMXFP4Subject(**options)
     if name == "openai-torch":
-        from .openai_torch import OpenAITorch
-        return OpenAITorch(**options)
+        return _module_subject("gptoss_verify.subjects.openai_torch", "OpenAITorch", name, options)
     if name == "megatron-core":
         return _module_subject("gptoss_verify.subjects.megatron_core", "subject", name, options)
     if name.startswith("python:"):

@@ -64,7 +64,13 @@ def test_openai_torch_skips_cleanly():
         subject = resolve("openai-torch")
     except SubjectUnavailable as err:
         pytest.skip(str(err))
-    assert subject.precisions == ("bfloat16",)
+    from gptoss_verify.formats import canonical
+    base = make_case(torch.bfloat16)
+    on_grid = dict(canonical.to_mxfp4(base.state.items()))  # its loader reads MXFP4 experts
+    case = Case(SPEC, base.input_ids, 0, torch.bfloat16, on_grid)
+    verdict = judge_subject(subject, case)
+    assert verdict.passed, verdict.first_failure
+    assert [c.name for c in verdict.cells] == ["logits", "next-token"]
 
 
 class BrokenMLP:

@@ -136,3 +136,11 @@ def test_malformed_dump(tmp_path, tensors, field):
     save_file(tensors, str(tmp_path / "dump.safetensors"))
     with pytest.raises(SubjectError, match=field):
         dumps.judge_dump(case_dir, tmp_path / "dump.safetensors")
+
+
+def test_matrix_writes_reports(tmp_path):
+    from gptoss_verify.subjects.matrix import matrix
+    data = matrix(["reference", "hf-eager", "hf:flex_attention:eager"], make_case(seq=8), tmp_path)
+    assert data["subjects"]["reference"]["layers.0.q"]["passed"]
+    assert data["subjects"]["hf:flex_attention:eager"].startswith("unavailable")
+    assert {p.name for p in tmp_path.iterdir()} == {"matrix.md", "matrix.json", "matrix.png"}

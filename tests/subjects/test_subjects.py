@@ -1,0 +1,146 @@
+"""Subjects on a tiny case: built-ins pass, a broken user subject fails at its point, dumps judged."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gptoss_verify.config import preset
+from gptoss_verify.subjects import dump as dumps
+from gptoss_verify.subjects.judging import judge_subject, truth_and_reference
+from gptoss_verify.subjects.protocol import Case, SubjectError, SubjectUnavailable
+from gptoss_verify.subjects.registry import resolve
+from gptoss_verify.weights import random_weights
+
+SPEC = preset("tiny")
+
+
+def make_case(dtype=torch.float32, seq=24) -> Case:
+    ids = torch.randint(0, SPEC.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
+    return Case(SPEC, ids, 3, dtype, random_weights(SPEC, 0, "typical", torch.float32))
+
+
+@pytest.fixture(scope="module")
+def f32():
+    case = make_case()
+    return case, truth_and_reference(case)
+
+
+@pytest.mark.parametrize("name", ["reference", "hf-eager", "hf:eager:grouped_mm", "hf:eager:batched_mm"])
+def test_builtin_passes_float32(name, f32):
+    case, baseline = f32
+    verdict = judge_subject(resolve(name), case, baseline)
+    assert verdict.passed, verdict.first_failure
+    assert any(c.name == "layers.3.mlp_out" for c in verdict.cells)  # judged point by point
+
+
+@pytest.mark.parametrize("name", ["reference", "hf-eager"])
+def test_builtin_passes_bf16(name):
+    verdict = judge_subject(resolve(name), make_case(torch.bfloat16))
+    assert verdict.passed, verdict.first_failure
+
+
+def test_fused_under_interpreter():
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        with pytest.raises(SubjectUnavailable, match="TRITON_INTERPRET"):
+            resolve("fused").run(make_case(seq=8))
+        return
+    verdict = judge_subject(resolve("fused"), make_case(seq=16))
+    assert verdict.passed, verdict.first_failure
+
+
+def test_flex_refused_on_cpu():
+    with pytest.raises(SubjectUnavailable, match="flex_attention"):
+        resolve("hf:flex_attention:eager").run(make_case(seq=8))
+
+
+def test_openai_torch_skips_cleanly():
+    try:
+        subject = resolve("openai-torch")
+    except SubjectUnavailable as err:
+        pytest.skip(str(err))
+    from gptoss_verify.formats import canonical
+    base = make_case(torch.bfloat16)
+    on_grid = dict(canonical.to_mxfp4(base.state.items()))  # its loader reads MXFP4 experts
+    case = Case(SPEC, base.input_ids, 0, torch.bfloat16, on_grid)
+    verdict = judge_subject(subject, case)
+    assert verdict.passed, verdict.first_failure
+    assert [c.name for c in verdict.cells] == ["logits", "next-token"]
+
+
+class BrokenMLP:
+    """Our reference with the expert output halved: every point up to mlp_out of layer 0 is right."""
+    name, precisions = "broken", ("float32",)
+
+    def __init__(self):
+        self.inner = resolve("reference")
+        self.points = self.inner.points
+
+    def run(self, case):
+        out = self.inner.run(case)
+        bad = dict(out.points)
+        bad["layers.0.mlp_out"] = bad["layers.0.mlp_out"] * 0.5
+        return type(out)(out.logits, bad)
+
+
+def test_broken_python_subject_fails_at_its_point(f32, monkeypatch):
+    case, baseline = f32
+    module = type(sys)("user_engine")
+    module.build = BrokenMLP
+    monkeypatch.setitem(sys.modules, "user_engine", module)
+    verdict = judge_subject(resolve("python:user_engine:build"), case, baseline)
+    assert not verdict.passed and verdict.first_failure.name == "layers.0.mlp_out"
+
+
+def test_python_subject_missing_module():
+    with pytest.raises(SubjectUnavailable, match="no_such_engine"):
+        resolve("python:no_such_engine:build")
+
+
+ENGINE = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import save_file
+    from gptoss_verify.subjects.dump import load_case
+    from gptoss_verify.subjects.ours import Ours
+    case = load_case(sys.argv[1])
+    out = Ours("reference").run(case)
+    save_file({"logits": out.logits.contiguous(), "layers.1.attn_out": out.points["layers.1.attn_out"].contiguous()},
+              sys.argv[2])
+""")
+
+
+def test_out_of_process_dump_is_judged(tmp_path):
+    case_dir = dumps.export_case(make_case(torch.bfloat16, seq=16), tmp_path / "case", "hf", mxfp4=False, seed=0)
+    dump = tmp_path / "dump.safetensors"
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    subprocess.run([sys.executable, "-c", ENGINE, str(case_dir), str(dump)], check=True, env=env)
+    verdict = dumps.judge_dump(case_dir, dump)
+    assert verdict.passed, verdict.first_failure
+    assert {c.name for c in verdict.cells} == {"layers.1.attn_out", "logits", "next-token"}
+
+
+@pytest.mark.parametrize("tensors, field", [
+    ({"x": torch.zeros(1)}, "no 'logits'"),
+    ({"logits": torch.zeros(2, 16, 7)}, "logits has shape"),
+    ({"logits": torch.zeros(2, 16, 384, dtype=torch.int32)}, "logits has dtype"),
+    ({"logits": torch.full((2, 16, 384), float("nan"))}, "logits holds NaN"),
+    ({"logits": torch.zeros(2, 16, 384), "layers.0.bogus": torch.zeros(1)}, "layers.0.bogus: not a trace point"),
+])
+def test_malformed_dump(tmp_path, tensors, field):
+    case_dir = dumps.export_case(make_case(torch.bfloat16, seq=16), tmp_path / "case")
+    save_file(tensors, str(tmp_path / "dump.safetensors"))
+    with pytest.raises(SubjectError, match=field):
+        dumps.judge_dump(case_dir, tmp_path / "dump.safetensors")
+
+
+def test_matrix_writes_reports(tmp_path):
+    from gptoss_verify.subjects.matrix import matrix
+    data = matrix(["reference", "hf-eager", "hf:flex_attention:eager"], make_case(seq=8), tmp_path)
+    assert data["subjects"]["reference"]["layers.0.q"]["passed"]
+    assert data["subjects"]["hf:flex_attention:eager"].startswith("unavailable")
+    assert {p.name for p in tmp_path.iterdir()} == {"matrix.md", "matrix.json", "matrix.png"}

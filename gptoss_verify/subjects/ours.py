@@ -24,10 +24,11 @@ class Ours:
         self.points = ALL_POINTS
 
     def run(self, case: Case) -> Output:
+        from ..backends import block_functions
         from ..model import Transformer
         if self.backend == "fused":
             self._check_fused(case)
-        model = Transformer.from_state_dict(case.spec, case.dense_state(), backend=self.backend)
+        model = Transformer.from_state_dict(case.spec, case.dense_state(), block_functions(self.backend))
         trace = Trace()
         with torch.no_grad():
             logits = model(case.input_ids.to(case.device), case.offset, trace=trace)

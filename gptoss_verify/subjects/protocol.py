@@ -26,7 +26,7 @@ import torch
 
 from ..config import ModelSpec
 # the one import of the trace names in this package: every subject module takes them from here
-from ..parity.trace import LAYER_POINTS, Trace, layer_name, ordered_names, split_name
+from ..trace import LAYER_POINTS, Trace, layer_name, ordered_names, split_name
 
 __all__ = ["Case", "Output", "Subject", "SubjectError", "SubjectUnavailable", "POINT_NAMES", "LAYER_POINTS",
            "Trace", "layer_name", "ordered_names", "split_name", "point_shape", "point_names",

@@ -2,7 +2,7 @@
 
 One frozen dataclass is the single source of the shapes that the model, the oracle, the weight
 generator and the checkpoint layouts all read. Defaults are the published gpt-oss-20b values
-(SPEC.md §4); validation names the bad field so that a wrong config fails before any tensor exists.
+(docs/layouts.md §1); validation names the bad field so that a wrong config fails before any tensor exists.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class ModelSpec:
 
     # ---- HF config.json --------------------------------------------------------------------
     def to_hf_config(self, mxfp4: bool = False) -> dict[str, Any]:
-        """The published `config.json` field set (SPEC.md §4), with `truncate` always written."""
+        """The published `config.json` field set (docs/layouts.md §1), with `truncate` always written."""
         cfg: dict[str, Any] = {
             "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
             "experts_per_token": self.experts_per_token,
@@ -137,7 +137,7 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any] | str | Path, name: str = "hf-config") -> "ModelSpec":
         """Read a transformers `config.json`. A missing `truncate` is read as transformers reads it
-        (True), because that is what the checkpoint's users get; a warning-worthy trap (SPEC §2.3)."""
+        (True), because that is what the checkpoint's users get; a warning-worthy trap (docs/numerics.md §4)."""
         cfg = _load_json(cfg)
         _require(cfg, ["hidden_size", "num_hidden_layers", "num_attention_heads"], "HF config.json")
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
@@ -180,7 +180,7 @@ class ModelSpec:
 
     @classmethod
     def from_openai_config(cls, cfg: dict[str, Any] | str | Path, name: str = "openai-config") -> "ModelSpec":
-        """Read OpenAI's original `config.json` (SPEC §4 mapping; the original never truncates)."""
+        """Read OpenAI's original `config.json` (docs/layouts.md §1 mapping; the original never truncates)."""
         cfg = _load_json(cfg)
         keys = ["num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
                 "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads",

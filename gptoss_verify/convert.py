@@ -110,7 +110,7 @@ def check_paths(src: Path, dst: Path) -> None:
 
 
 def check_parallel(spec, tp: int, ep: int, pp: int) -> None:
-    """Megatron sizes must divide what they split (SPEC.md §8): tp the KV heads, ep the experts,
+    """Megatron sizes must divide what they split (docs/megatron.md): tp the KV heads, ep the experts,
     pp the layers. Expert tensor parallelism is always 1."""
     for flag, size, total, what in (("tp", tp, spec.num_kv_heads, "KV heads"), ("ep", ep, spec.num_experts, "experts"),
                                     ("pp", pp, spec.num_layers, "layers")):

@@ -1,6 +1,6 @@
 """Write references/*.json: the published configs and tensor manifests of gpt-oss-20b and -120b.
 
-Written from the published facts alone (SPEC.md §4, §5, §7; research/gptoss-numerics.md §2), with
+Written from the published facts alone (docs/layouts.md §1, docs/layouts.md §2, docs/layouts.md §4; research/gptoss-numerics.md §2), with
 the shapes typed out here, not computed by the package, so that the tests comparing the package's
 tables with these files compare two independent sources. Anchors checked on write: 459 tensors and
 13761264768 bytes (20B HF), 687 and 65248815744 (120B), as the published index files say.
@@ -20,7 +20,7 @@ V, H = 201088, 2880  # vocab, hidden (= intermediate)
 
 
 def hf_config(layers: int, experts: int) -> dict:
-    """The published config.json (SPEC.md §4), keys as published."""
+    """The published config.json (docs/layouts.md §1), keys as published."""
     return {
         "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
         "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",
@@ -43,7 +43,7 @@ def hf_config(layers: int, experts: int) -> dict:
 
 
 def original_config(layers: int, experts: int) -> dict:
-    """The published original/config.json (SPEC.md §4)."""
+    """The published original/config.json (docs/layouts.md §1)."""
     return {"num_hidden_layers": layers, "num_experts": experts, "experts_per_token": 4, "vocab_size": 201088,
             "hidden_size": 2880, "intermediate_size": 2880, "swiglu_limit": 7.0, "head_dim": 64,
             "num_attention_heads": 64, "num_key_value_heads": 8, "sliding_window": 128,
@@ -52,7 +52,7 @@ def original_config(layers: int, experts: int) -> dict:
 
 
 def hf_manifest(layers: int, E: int) -> dict:
-    """SPEC.md §5 table, row by row."""
+    """docs/layouts.md §2 table, row by row."""
     t = {"model.embed_tokens.weight": ([201088, 2880], "BF16")}
     for n in range(layers):
         p = f"model.layers.{n}."
@@ -77,7 +77,7 @@ def hf_manifest(layers: int, E: int) -> dict:
 
 
 def original_manifest(layers: int, E: int) -> dict:
-    """SPEC.md §7 and original/dtypes.json (research §3.2): qkv fused to 64·(64+2·8) = 5120 rows."""
+    """docs/layouts.md §4 and original/dtypes.json (research §3.2): qkv fused to 64·(64+2·8) = 5120 rows."""
     t = {"embedding.weight": ([201088, 2880], "BF16")}
     for n in range(layers):
         p = f"block.{n}."
@@ -116,7 +116,7 @@ def main() -> None:
             anchor = ANCHORS.get((model, kind))
             if anchor and anchor != (len(tensors), total):
                 raise SystemExit(f"{model} {kind}: {len(tensors)} tensors / {total} bytes, published {anchor}")
-            doc = {"model": model, "layout": kind, "source": "SPEC.md §5/§7 (published index and dtypes.json)",
+            doc = {"model": model, "layout": kind, "source": "docs/layouts.md §2, docs/layouts.md §4 (published index and dtypes.json)",
                    "count": len(tensors), "total_size": total,
                    "tensors": {k: {"shape": s, "dtype": d} for k, (s, d) in tensors.items()}}
             (OUT / f"{model}.{kind}-manifest.json").write_text(json.dumps(doc, indent=1) + "\n")

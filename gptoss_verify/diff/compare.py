@@ -28,7 +28,7 @@ from .sources import Side, open_side, same_spec
 from .tensors import MXFP4, ErrorStats, Held, bytes_equal, error_stats, lower_dense_dtype, units, values_equal
 
 OK_STATUSES = ("bit-exact", "same-values", "rounding")
-# ModelSpec fields, the ones that change the numbers first (SPEC.md §2), then the shapes
+# ModelSpec fields, the ones that change the numbers first (docs/numerics.md), then the shapes
 NUMERIC_FIELDS = ("sliding_window", "layer_types", "rope_factor", "rope_truncate", "rope_theta",
                   "rope_original_max_position", "rope_beta_fast", "rope_beta_slow", "swiglu_limit",
                   "swiglu_alpha", "rms_norm_eps", "experts_per_token")

@@ -1,4 +1,4 @@
-"""The Hugging Face layout (SPEC.md §5): `config.json` plus safetensors shards under HF names.
+"""The Hugging Face layout (docs/layouts.md §2): `config.json` plus safetensors shards under HF names.
 
 Experts are either MXFP4 (`*_blocks`/`*_scales` U8, as openai/gpt-oss-20b and -120b are published,
 with `quantization_config.quant_method = "mxfp4"` in config.json) or dense in the HF module layout

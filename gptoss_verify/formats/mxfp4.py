@@ -1,4 +1,4 @@
-"""The MXFP4 codec (SPEC.md §6; OCP Microscaling Formats v1.0).
+"""The MXFP4 codec (docs/layouts.md §3; OCP Microscaling Formats v1.0).
 
 Blocks of 32 e2m1 values share one E8M0 scale and run along the *input* (contraction) dimension:
 `blocks [..., G, 16]` uint8 and `scales [..., G]` uint8 decode to `[..., G·32]`. Byte b of a block

@@ -1,4 +1,4 @@
-"""OpenAI's original layout (SPEC.md §7), what `gpt_oss.torch` loads: `config.json` (the original
+"""OpenAI's original layout (docs/layouts.md §4), what `gpt_oss.torch` loads: `config.json` (the original
 field set), `dtypes.json`, and safetensors under OpenAI's names.
 
 One table maps names; one transform fuses q, k, v into `attn.qkv` by rows (q, then k, then v, no

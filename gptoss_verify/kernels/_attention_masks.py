@@ -1,4 +1,4 @@
-"""Which keys a block of queries sees (SPEC.md §2.3: key j is visible from query i iff
+"""Which keys a block of queries sees (docs/numerics.md §2: key j is visible from query i iff
 q_pos − W < k_pos ≤ q_pos, with q_pos = q_start + i and k_pos = k_start + j), as Triton helpers
 shared by the forward, decode and backward kernels."""
 from __future__ import annotations

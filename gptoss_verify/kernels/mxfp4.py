@@ -1,4 +1,4 @@
-"""MXFP4 decoding inside a Triton kernel (SPEC.md §6; the codec is `formats/mxfp4.py`).
+"""MXFP4 decoding inside a Triton kernel (docs/layouts.md §3; the codec is `formats/mxfp4.py`).
 
 `decode_tile` turns a tile of packed e2m1 bytes and their E8M0 scales into float32 values in
 registers, so a GEMM can stream the checkpoint's blocks and scales straight from memory with no

@@ -1,4 +1,4 @@
-"""Attention with sinks, sliding windows and GQA (SPEC.md §1, §2.1, §2.2), plus a windowed KV cache.
+"""Attention with sinks, sliding windows and GQA (docs/numerics.md §1, docs/numerics.md §2, docs/numerics.md §3), plus a windowed KV cache.
 
 The reference `attention()` is the signature the fused kernel replaces: queries at absolute
 positions `q_start + i`, keys at `k_start + j`; key j is visible from query i iff

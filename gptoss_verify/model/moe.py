@@ -1,4 +1,4 @@
-"""The mixture of experts (SPEC.md §1, §2.4, §2.5): biased router, top-k then softmax over the k,
+"""The mixture of experts (docs/numerics.md §1, docs/numerics.md §5, docs/numerics.md §6): biased router, top-k then softmax over the k,
 clamped SwiGLU on interleaved gate/up, down projection with its bias inside the weighted sum.
 
 Expert weights are in the HF dequantized layout: gate_up [E, H, 2I] and down [E, I, H], used as
@@ -57,7 +57,7 @@ def moe(h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
 def count_router_ties(logits: torch.Tensor, k: int, *, rel_gap: float = 2.0 ** -8) -> int:
     """How many rows of router logits [T, E] have their k-th and (k+1)-th largest logits within
     `rel_gap` of the larger magnitude of the two (default: one bf16 ulp). On such rows the top-k
-    set is implementation-defined (SPEC.md §2.4): parity reports them instead of failing on them.
+    set is implementation-defined (docs/numerics.md §5): parity reports them instead of failing on them.
     With k == E there is no boundary, so no ties."""
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"count_router_ties: k: expected 1 <= k <= E = {logits.shape[-1]}, got {k}")

@@ -1,7 +1,7 @@
-"""YaRN rotary embedding (SPEC.md §2.3): inv_freq, the concentration, and the half-split rotation.
+"""YaRN rotary embedding (docs/numerics.md §4): inv_freq, the concentration, and the half-split rotation.
 
 Angles are computed in float32 by default, as both references do whatever the model dtype
-(SPEC §2.9); `angle_dtype=torch.float64` gives exact angles, to measure how far fp32 angles drift.
+(docs/numerics.md §4); `angle_dtype=torch.float64` gives exact angles, to measure how far fp32 angles drift.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The transformers oracle: `GptOssForCausalLM` built from a `ModelSpec` and a canonical state dict,
-pinned (SPEC.md §3) and recording the same `Trace` as our model through hooks.
+pinned (docs/numerics.md §9) and recording the same `Trace` as our model through hooks.
 
 Pinning: eager attention, the eager per-expert loop (`grouped_mm` rejects float64), no hub
 kernels, TF32 off, dense (dequantized) experts. The only deviation from stock transformers is for
@@ -31,7 +31,7 @@ def hf_config(spec: ModelSpec, experts_implementation: str = "eager") -> GptOssC
     cfg._attn_implementation = "eager"
     cfg._experts_implementation = experts_implementation
     cfg.use_cache = False
-    # transformers <= 5.17 hard-codes alpha 1.702 / limit 7 (SPEC §2.5): refuse a spec it would ignore.
+    # transformers <= 5.17 hard-codes alpha 1.702 / limit 7 (docs/numerics.md §6): refuse a spec it would ignore.
     if not hasattr(cfg, "swiglu_alpha") and spec.swiglu_alpha != 1.702:
         raise ValueError(f"transformers {TRANSFORMERS_VERSION} ignores swiglu_alpha={spec.swiglu_alpha}")
     return cfg

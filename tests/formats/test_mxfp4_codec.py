@@ -1,4 +1,4 @@
-"""The fast MXFP4 codec against slow, obviously-correct versions written out here from SPEC.md §6
+"""The fast MXFP4 codec against slow, obviously-correct versions written out here from docs/layouts.md §3
 and the OCP MX v1.0 rule, in plain Python arithmetic (no lookup tables, no bit tricks), so a
 mistake in the tables or in the bf16 bit-pattern path of `formats.mxfp4` cannot hide in both.
 

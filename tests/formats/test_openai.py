@@ -47,7 +47,7 @@ def _stored(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_names_fusion_and_bytes_as_published(openai_ckpt, hf_mxfp4):
-    """SPEC.md §7, written out: qkv rows q then k then v; mlp1/mlp2 blocks and scales are HF's bytes."""
+    """docs/layouts.md §4, written out: qkv rows q then k then v; mlp1/mlp2 blocks and scales are HF's bytes."""
     o, h = _stored(openai_ckpt), _stored(hf_mxfp4)
     assert json.loads((openai_ckpt / "config.json").read_text()) == TINY.to_openai_config()
     dtypes = json.loads((openai_ckpt / "dtypes.json").read_text())

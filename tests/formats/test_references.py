@@ -1,6 +1,6 @@
 """The package's configs and tensor tables against the published facts in references/.
 
-references/ is written by scripts/make_reference_manifests.py from SPEC.md's tables alone (shapes
+references/ is written by scripts/make_reference_manifests.py from the published tables of docs/layouts.md alone (shapes
 typed out, with the published counts and byte totals as anchors), so these tests compare two
 independent sources.
 """

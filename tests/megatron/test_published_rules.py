@@ -1,5 +1,5 @@
 """Rebuild the HF tensors from Megatron rank files by the published rules, written out here
-(SPEC.md §8, Megatron-Bridge `merge_qkv_weights`/`split_qkv_weights` and the GPT-OSS gate/up
+(docs/megatron.md, Megatron-Bridge `merge_qkv_weights`/`split_qkv_weights` and the GPT-OSS gate/up
 mapping), without the converter's code: plain torch.load of each rank file."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Laws of the MXFP4 codec (SPEC.md §6, OCP Microscaling v1.0): the e2m1 table with the low nibble
+"""Laws of the MXFP4 codec (docs/layouts.md §3, OCP Microscaling v1.0): the e2m1 table with the low nibble
 first, the E8M0 scale biased by 127, exact round trips on the grid, round-to-nearest encoding with
 the OCP shared exponent (saturating at ±6·2^e), and the HF orientation of dequantized experts.
 
@@ -16,7 +16,7 @@ from gptoss_verify.formats import mxfp4
 from .backends import run_law
 from .strategies import Mxfp4Case, mxfp4_cases
 
-# SPEC.md §6, written out here rather than imported: bit 3 is the sign, bits 0..2 the magnitude
+# docs/layouts.md §3, written out here rather than imported: bit 3 is the sign, bits 0..2 the magnitude
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 GRID = sorted({abs(v) for v in E2M1})  # 0, 0.5, 1, 1.5, 2, 3, 4, 6
 

@@ -1,4 +1,4 @@
-"""Laws of RMSNorm (SPEC.md §1, §2.6): x / sqrt(mean(x²) + eps) · w with eps 1e-5, normalised and
+"""Laws of RMSNorm (docs/numerics.md §1, docs/numerics.md §7): x / sqrt(mean(x²) + eps) · w with eps 1e-5, normalised and
 multiplied by the weight in float32 for low-precision inputs, cast once at the end."""
 from __future__ import annotations
 

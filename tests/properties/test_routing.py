@@ -1,4 +1,4 @@
-"""Laws of the router (SPEC.md §1, §2.4): logits = h·Wᵀ + b; the k largest are chosen; their
+"""Laws of the router (docs/numerics.md §1, docs/numerics.md §5): logits = h·Wᵀ + b; the k largest are chosen; their
 weights are the softmax over those k alone (= softmax over all, top-k, renormalised); relabelling
 the experts relabels the answer; ties at the top-k boundary are reported, not failed on.
 

@@ -1,4 +1,4 @@
-"""Laws of the attention sink (SPEC.md §1, §2.2): one extra, unscaled logit per query head, inside
+"""Laws of the attention sink (docs/numerics.md §1, docs/numerics.md §3): one extra, unscaled logit per query head, inside
 the softmax and its max, with no value row.
 
 Each law is a `check_<law>(attn, case, dtype)` on an attention function with the signature of

@@ -1,4 +1,4 @@
-"""Laws of the clamped SwiGLU (SPEC.md §1, §2.5): gate = even columns, clamped from above only;
+"""Laws of the clamped SwiGLU (docs/numerics.md §1, docs/numerics.md §6): gate = even columns, clamped from above only;
 up = odd columns, clamped on both sides, then +1; out = gate·σ(α·gate)·(up + 1).
 
 The reference is checked through `model/moe.py: swiglu`. A fused MoE is checked through its whole

@@ -1,4 +1,4 @@
-"""Laws of the sliding window (SPEC.md §2.1): key j is visible from query i iff i − W < j ≤ i (W keys,
+"""Laws of the sliding window (docs/numerics.md §2): key j is visible from query i iff i − W < j ≤ i (W keys,
 the query's own included); a window covering the sequence is plain causal attention; even layers
 slide, odd ones are full; a cached, chunked prefill and decoding equal the full forward.
 

@@ -1,4 +1,4 @@
-"""Laws of YaRN RoPE (SPEC.md §2.3, §2.9): the inverse frequencies, the concentration, the
+"""Laws of YaRN RoPE (docs/numerics.md §4): the inverse frequencies, the concentration, the
 half-split rotation and the relative-position property.
 
 Each check takes the rope module (`inv_freq`, `cos_sin`, `apply_rope`, `correction_range`), so a
@@ -17,7 +17,7 @@ from .strategies import RopeCase, rope_cases, yarn_specs
 
 
 def closed_form(spec: ModelSpec, truncate: bool | None = None) -> tuple[list[float], list[float]]:
-    """(inv_freq, ramp) from SPEC.md §2.3 in Python floats: extrap = θ^(−2i/D), interp = extrap/factor,
+    """(inv_freq, ramp) from docs/numerics.md §4 in Python floats: extrap = θ^(−2i/D), interp = extrap/factor,
     ramp = clamp((i − low)/(high − low), 0, 1) over the correction range (floor/ceil when
     truncating, clipped to [0, D − 1]; a degenerate range gets high += 0.001 as in transformers)."""
     d, theta = spec.head_dim, spec.rope_theta
@@ -53,17 +53,17 @@ ANCHOR_RANGE = (8.092779115512402, 17.39802450158856)
 
 
 def check_spec_anchors(rope_mod, spec: ModelSpec):
-    """SPEC.md §2.3's published numbers for gpt-oss: the correction range, inv_freq and cos (fp32)."""
+    """docs/numerics.md §4's published numbers for gpt-oss: the correction range, inv_freq and cos (fp32)."""
     low, high = rope_mod.correction_range(spec)
     assert abs(low - ANCHOR_RANGE[0]) < 1e-12 and abs(high - ANCHOR_RANGE[1]) < 1e-12, \
         f"correction range {(low, high)} != {ANCHOR_RANGE}"
     inv = rope_mod.inv_freq(spec, torch.float32)
     for i, want in ANCHORS_INV_FREQ.items():
-        assert abs(inv[i].item() - want) <= 1e-6 * want, f"inv_freq[{i}] = {inv[i].item()!r}, SPEC says {want}"
+        assert abs(inv[i].item() - want) <= 1e-6 * want, f"inv_freq[{i}] = {inv[i].item()!r}, docs/numerics.md §4 says {want}"
     cos, _ = rope_mod.cos_sin(spec, torch.tensor(list(ANCHORS_COS)), torch.float32)
     for row, (pos, want) in enumerate(ANCHORS_COS.items()):
         got = cos[row, :2].tolist()
-        assert all(abs(g - w) <= 2e-6 * abs(w) for g, w in zip(got, want)), f"cos at {pos} = {got}, SPEC says {want}"
+        assert all(abs(g - w) <= 2e-6 * abs(w) for g, w in zip(got, want)), f"cos at {pos} = {got}, docs/numerics.md §4 says {want}"
     return True
 
 

@@ -55,6 +55,12 @@ class Held:
             return to_hf_dense(self.blocks, self.scales, dtype or torch.float32)
         return self.tensor if dtype is None else self.tensor.to(dtype)
 
+    def expert(self, e: int) -> "Held":
+        """Expert e alone (a view), for comparisons that decode one expert at a time."""
+        if self.mx:
+            return Held(self.name, blocks=self.blocks[e:e + 1], scales=self.scales[e:e + 1])
+        return Held(self.name, tensor=self.tensor[e:e + 1])
+
     def encoded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(blocks, scales): its own, or the OCP-rule encoding of its dense values."""
         if self.mx:
@@ -88,6 +94,15 @@ def units(stream: Iterable[tuple[str, torch.Tensor]]) -> Iterator[Held]:
     for base, pair in pending.items():
         for suffix, t in pair.items():
             yield Held(base + suffix, tensor=t)
+
+
+def same_values(a: Held, b: Held) -> bool:
+    """Equal as numbers, MXFP4 decoded exactly, an expert at a time (no full-width float32 copy)."""
+    if a.shape != b.shape:
+        return False
+    if not (a.mx or b.mx):
+        return values_equal(a.tensor, b.tensor)
+    return all(values_equal(a.expert(e).dense(), b.expert(e).dense(torch.float32)) for e in range(a.shape[0]))
 
 
 def lower_form(a: str, b: str) -> str:

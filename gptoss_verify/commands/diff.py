@@ -3,16 +3,28 @@ transform (the library is `gptoss_verify/diff/`; `docs/diff.md`)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from . import options
 
 NAME = "diff"
-HELP = "compare two checkpoints in any layouts: same model, or which tensor differs and how"
+HELP = "is checkpoint B the same model as A; if not, which tensor and which transform"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..diff.command import add_arguments as diff_arguments
-    diff_arguments(p)
+    p.add_argument("a", type=Path, help="the reference checkpoint (any layout we read)")
+    p.add_argument("b", type=Path, help="the checkpoint to check against it")
+    options.add_report(p)
+    options.add_json(p)
+    p.add_argument("--tokens", type=options.positive_int, default=32,
+                   help="tokens of the consequence forward (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the consequence tokens")
+    p.add_argument("--consequence-layers", type=options.positive_int,
+                   help="run the consequence through the first N layers only (full width), no logits")
+    p.add_argument("--no-consequence", action="store_true", help="compare tensors and configs only")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..diff.command import run_args
-    return run_args(args)
+    from ..diff import run as diff
+    return diff(args.a, args.b, report=args.report, json_path=args.json, tokens=args.tokens, seed=args.seed,
+                consequence=not args.no_consequence, consequence_layers=args.consequence_layers)

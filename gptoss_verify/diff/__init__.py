@@ -5,4 +5,4 @@ diagnose (the transform catalogue) and consequence (both through our model, laye
 report (markdown, JSON). `command` is the CLI wiring. Imports from the rest of the project live
 in `deps` only.
 """
-from .command import add_arguments, add_parser, run, run_args  # noqa: F401
+from .command import run  # noqa: F401

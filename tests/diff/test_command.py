@@ -2,13 +2,13 @@
 consequence (where two runs part, what it does to the next-token distribution)."""
 from __future__ import annotations
 
-import argparse
 import io
 import json
 
 import pytest
 
-from gptoss_verify.diff import add_parser, run
+from gptoss_verify.cli import main
+from gptoss_verify.diff import run
 from gptoss_verify.diff.compare import diff
 
 from . import corpus as c
@@ -62,8 +62,4 @@ def test_bad_input_is_one_line(base, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["diff", "a"], ["diff", "a", "b", "--tokens", "0"], ["diff", "a", "b", "--bogus"]])
 def test_usage_exits_2(argv):
-    parser = argparse.ArgumentParser(prog="gptoss-verify")
-    add_parser(parser.add_subparsers(dest="command"))
-    with pytest.raises(SystemExit) as exit_:
-        parser.parse_args(argv)
-    assert exit_.value.code == 2
+    assert main(argv) == 2

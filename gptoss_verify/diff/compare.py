@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .consequence import Consequence, ConsequenceResult
-from .deps import CheckpointError, ModelSpec, dtype_name
+from .deps import CheckpointError, ModelSpec, dtype_name, megatron_mapping
 from .diagnose import Diagnosis, diagnose, diagnose_qkv
 from .sources import Side, open_side, same_spec
 from .tensors import (MXFP4, ErrorStats, Held, bytes_equal, error_stats, lower_dense_dtype, same_values, units,
@@ -264,7 +264,8 @@ def _reader_diagnosis(result: DiffResult, message: str) -> None:
     """A strict (Megatron) reader refuses non-zero vocabulary padding rows: that is a diagnosis."""
     m = re.search(r"tensor (\S+): vocabulary padding row (\d+)", message)
     if m:
-        canonical = "lm_head.weight" if "output_layer" in m.group(1) else "model.embed_tokens.weight"
+        lm_head = megatron_mapping.name(megatron_mapping.row_of("lm_head.weight")[0].key)
+        canonical = "lm_head.weight" if m.group(1).endswith(lm_head) else "model.embed_tokens.weight"
         result.tensors.append(TensorResult(canonical, "-", m.group(1), "differs", diagnosis=Diagnosis(
             "vocab-padding-nonzero", f"padding row {m.group(2)} of {m.group(1)} is not zero (the reader stops there)",
             True, 0.0)))

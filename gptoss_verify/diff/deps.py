@@ -12,6 +12,7 @@ from ..formats import layout as layouts  # noqa: F401
 from ..formats import openai as openai_layout  # noqa: F401
 from ..formats.canonical import canonical_table  # noqa: F401
 from ..formats.errors import CheckpointError  # noqa: F401
+from ..formats.megatron import mapping as megatron_mapping  # noqa: F401
 from ..formats.mxfp4 import SCALE_BIAS, from_hf_dense, to_hf_dense  # noqa: F401
 from ..formats.safetensors_io import SafetensorsDir, dtype_code as dtype_name  # noqa: F401
 from ..formats.validate import table_violations  # noqa: F401

@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_fullsize = pytest.mark.skip(reason="full size (GBs written): set GPTOSS_RUN_SLOW=1 or pass -m fullsize")
     for item in items:
-        if "gpu" in item.keywords and not has_cuda():
+        if item.get_closest_marker("gpu") is not None and not has_cuda():  # the mark, not any keyword (a folder named gpu)
             item.add_marker(skip_gpu)
-        if "fullsize" in item.keywords and not wants_fullsize(config):
+        if item.get_closest_marker("fullsize") is not None and not wants_fullsize(config):
             item.add_marker(skip_fullsize)

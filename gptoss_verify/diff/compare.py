@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .consequence import Consequence, ConsequenceResult
-from .deps import CheckpointError, ModelSpec, dtype_name, megatron_mapping
+from .deps import CheckpointError, ModelSpec, dtype_code, megatron_mapping
 from .diagnose import Diagnosis, diagnose, diagnose_qkv
 from .sources import Side, open_side, same_spec
 from .tensors import (MXFP4, ErrorStats, Held, bytes_equal, error_stats, lower_dense_dtype, same_values, units,
@@ -191,7 +191,7 @@ def _pairs(sa: Side, sb: Side, missing: list[str], extra: list[str]) -> Iterator
 
 
 def _side_info(s: Side) -> SideInfo:
-    return SideInfo(str(s.path), s.layout, MXFP4 if s.mxfp4 else dtype_name(s.dtype), dtype_name(s.dtype))
+    return SideInfo(str(s.path), s.layout, MXFP4 if s.mxfp4 else dtype_code(s.dtype), dtype_code(s.dtype))
 
 
 def diff(a: str | Path, b: str | Path, *, consequence: bool = True, tokens: int = 32, seed: int = 0,

@@ -14,7 +14,7 @@ from ..formats.canonical import canonical_table  # noqa: F401
 from ..formats.errors import CheckpointError  # noqa: F401
 from ..formats.megatron import mapping as megatron_mapping  # noqa: F401
 from ..formats.mxfp4 import SCALE_BIAS, from_hf_dense, to_hf_dense  # noqa: F401
-from ..formats.safetensors_io import SafetensorsDir, dtype_code as dtype_name  # noqa: F401
+from ..formats.safetensors_io import SafetensorsDir, dtype_code  # noqa: F401
 from ..formats.validate import table_violations  # noqa: F401
 from ..backends import block_functions  # noqa: F401
 from ..model.model import DecoderLayer  # noqa: F401

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from .deps import dtype_name, from_hf_dense, is_expert_weight, to_hf_dense
+from .deps import dtype_code, from_hf_dense, is_expert_weight, to_hf_dense
 
 MXFP4 = "MXFP4"
 # lowest first: "within the exact rounding of the lower side" is judged in the lower one
@@ -34,7 +34,7 @@ class Held:
 
     @property
     def form(self) -> str:
-        return MXFP4 if self.mx else dtype_name(self.tensor.dtype)
+        return MXFP4 if self.mx else dtype_code(self.tensor.dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -219,4 +219,4 @@ def error_stats(a: torch.Tensor, b: torch.Tensor, ulp_dtype: torch.dtype) -> Err
             low = high
         hist["more"] += int((dist > low).sum())
     return ErrorStats(max_abs, math.sqrt(num / den) if den else (0.0 if num == 0 else math.inf),
-                      differing / total if total else 0.0, dtype_name(ulp_dtype), hist, nonfinite)
+                      differing / total if total else 0.0, dtype_code(ulp_dtype), hist, nonfinite)

@@ -3,6 +3,7 @@ transform (the library is `gptoss_verify/diff/`; `docs/diff.md`)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from . import options
@@ -25,6 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..diff import run as diff
-    return diff(args.a, args.b, report=args.report, json_path=args.json, tokens=args.tokens, seed=args.seed,
-                consequence=not args.no_consequence, consequence_layers=args.consequence_layers)
+    """0 when B holds the same model as A (bit-exact, or within the lower side's exact rounding, per
+    tensor, and configs equal), 1 when not; bad input raises and `cli` makes it one line and exit 1."""
+    from ..diff.compare import diff
+    from ..diff.report import markdown, summary_lines, to_json
+    result = diff(args.a, args.b, consequence=not args.no_consequence, tokens=args.tokens, seed=args.seed,
+                  consequence_layers=args.consequence_layers, progress=True)
+    options.write_report(args.report, markdown(result))
+    options.write_json(args.json, to_json(result))
+    out = sys.stderr if str(args.json) == "-" else sys.stdout  # stdout holds the JSON alone
+    for line in summary_lines(result):
+        print(line, file=out)
+    return 0 if result.same_model else 1

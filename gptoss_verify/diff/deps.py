@@ -22,4 +22,4 @@ from ..model.norm import rms_norm  # noqa: F401
 from ..model.rope import cos_sin  # noqa: F401
 from ..schema import LAYER_TENSORS, is_expert_weight  # noqa: F401
 from ..trace import LAYER_POINTS, Trace, layer_name  # noqa: F401
-from ..report import environment, table, write_atomic  # noqa: F401
+from ..report import environment, table  # noqa: F401

@@ -2,13 +2,11 @@
 consequence (where two runs part, what it does to the next-token distribution)."""
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 
 from gptoss_verify.cli import main
-from gptoss_verify.diff import run
 from gptoss_verify.diff.compare import diff
 
 from . import corpus as c
@@ -22,15 +20,13 @@ def transposed(base, tmp_path_factory):
     return c.rewrite(base["square-hf"], tmp_path_factory.mktemp("t") / "b", "hf", {DOWN: c.transpose})
 
 
-def test_exit_status_and_reports(base, transposed, tmp_path):
-    out = io.StringIO()
-    assert run(base["mx"], base["megatron"], report=tmp_path / "same.md", progress=False, out=out) == 0
-    assert out.getvalue().strip().endswith("SAME MODEL (within the stated rounding)")
+def test_exit_status_and_reports(base, transposed, tmp_path, capsys):
+    assert main(["diff", str(base["mx"]), str(base["megatron"]), "--report", str(tmp_path / "same.md")]) == 0
+    assert capsys.readouterr().out.strip().endswith("SAME MODEL (within the stated rounding)")
     assert "**Verdict: SAME MODEL" in (tmp_path / "same.md").read_text()
-    out = io.StringIO()
-    assert run(base["square-hf"], transposed, report=tmp_path / "r.md", json_path=tmp_path / "r.json",
-               progress=False, out=out) == 1
-    assert f"DIFFERS {DOWN}: transpose (exact)" in out.getvalue()
+    assert main(["diff", str(base["square-hf"]), str(transposed), "--report", str(tmp_path / "r.md"),
+                 "--json", str(tmp_path / "r.json")]) == 1
+    assert f"DIFFERS {DOWN}: transpose (exact)" in capsys.readouterr().out
     text = (tmp_path / "r.md").read_text()
     assert "**Verdict: DIFFERENT: 1 tensor(s) differ**" in text and "**transpose**" in text and "## Consequence" in text
     data = json.loads((tmp_path / "r.json").read_text())
@@ -51,11 +47,11 @@ def test_consequence_shows_where_the_runs_part(base, transposed):
 
 
 def test_bad_input_is_one_line(base, tmp_path, capsys):
-    assert run(base["hf"], tmp_path / "absent", progress=False) == 1
+    assert main(["diff", str(base["hf"]), str(tmp_path / "absent")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path / "absent") in err[0] and "does not exist" in err[0]
     bad = c.edit_safetensors(base["hf"], tmp_path / "bad", {}, config={"num_attention_heads": 7})
-    assert run(base["hf"], bad, progress=False) == 1
+    assert main(["diff", str(base["hf"]), str(bad)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.json" in err[0] and "num_heads" in err[0]
 
@@ -63,3 +59,10 @@ def test_bad_input_is_one_line(base, tmp_path, capsys):
 @pytest.mark.parametrize("argv", [["diff", "a"], ["diff", "a", "b", "--tokens", "0"], ["diff", "a", "b", "--bogus"]])
 def test_usage_exits_2(argv):
     assert main(argv) == 2
+
+
+def test_json_to_stdout_holds_the_json_alone(base, capsys):
+    assert main(["diff", str(base["mx"]), str(base["megatron"]), "--no-consequence", "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["same_model"] is True
+    assert captured.err.strip().endswith("SAME MODEL (within the stated rounding)")

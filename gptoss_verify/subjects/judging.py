@@ -6,9 +6,12 @@ In float64 a subject is held to the truth directly (kind `oracle`). In a low pre
 rule applies: the subject passes a point when its error against the truth is at most the factor ×
 our plain reference's error in the same dtype, plus the floor (kind `truth`), point by point where
 it exposes points; its logits are always judged on next-token distributions (kind `free-logits`).
-Tokens whose chosen expert set differs between subject, reference and truth at a layer (a bf16
-near-tie) are left out of every later point and counted (`Verdict.excluded`); the expert choice
-itself is judged by the routing kind.
+A token whose chosen expert set differs between subject, reference and truth at a layer (a bf16
+near-tie) is left out of its own later points, and, from the next layer on, so is every later token
+of its sequence (their attention reads it); the counts are in `Verdict.excluded` and the expert
+choice itself is judged by the routing kind (`flipped_tokens`). A subject that does not expose
+`topk_idx` is judged in a low precision up to the first routing only, then on next-token
+distributions: its flips cannot be told apart from errors.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import dataclasses
 import torch
 
 from .. import metrics
-from ..judge import Verdict, check
+from ..judge import Verdict, check, verdict
 from .ours import Ours
 from .protocol import Case, Output, layer_name, point_names, split_name, validate_output
 
@@ -33,6 +36,7 @@ class SubjectVerdict:
     subject: str
     dtype: str
     cells: list[Cell]
+    not_judged: list[str] = dataclasses.field(default_factory=list)  # handed back, but see the docstring
 
     @property
     def passed(self) -> bool:
@@ -54,6 +58,47 @@ def truth_and_reference(case: Case) -> tuple[Output, Output | None]:
     return truth, ref
 
 
+AFTER_ROUTING = ("topk_weights", "mlp_out", "resid_mlp")
+
+
+def flipped_tokens(num_layers: int, shape: torch.Size, got: dict, truth: Output, ref: Output | None):
+    """`left_out(name)` -> bool [B, S]: the tokens not judged at point `name`.
+
+    A routing near-tie (bf16) can send a token to another expert set in the subject or in our plain
+    reference than in the truth; from that layer's routing on, that token's points measure the
+    other experts, not an error. Later layers' attention reads the flipped token, so from the next
+    layer on every later token of its sequence (causal attention; a full layer reaches them all) is
+    left out too. The subject's flips are known only where it exposes `topk_idx`; the reference's
+    always are. The counts go into each cell's `Verdict.excluded`."""
+    own = torch.zeros(shape, dtype=torch.bool)      # flipped at this layer or before
+    spread = torch.zeros(shape, dtype=torch.bool)   # read a token flipped at an earlier layer
+    at_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i in range(num_layers):
+        idx, flipped = layer_name(i, "topk_idx"), torch.zeros(shape, dtype=torch.bool)
+        if ref is not None:
+            flipped |= ~metrics.same_expert_set(ref.points[idx].cpu(), truth.points[idx])
+        if idx in got:
+            flipped |= ~metrics.same_expert_set(got[idx].cpu(), truth.points[idx])
+        before = own | spread
+        own = own | flipped
+        at_layer[i] = (before, own | spread)
+        spread = spread | (flipped.cumsum(1) > 0)
+    head = own | spread
+
+    def left_out(name: str) -> torch.Tensor:
+        layer, point = split_name(name)
+        if layer is None:
+            return head if name != "embed" else torch.zeros(shape, dtype=torch.bool)
+        before, after = at_layer[layer]
+        return after if point in AFTER_ROUTING else before
+    return left_out
+
+
+def _after_first_routing(name: str) -> bool:
+    layer, point = split_name(name)
+    return name in ("final_norm", "logits") or (layer is not None and (layer > 0 or point in AFTER_ROUTING))
+
+
 def judge_output(output: Output, case: Case, exposed: tuple[str, ...], subject: str = "subject",
                  baseline: tuple[Output, Output | None] | None = None) -> SubjectVerdict:
     """Judge a subject's (validated) output. `exposed` are the point names to judge (those the
@@ -62,21 +107,25 @@ def judge_output(output: Output, case: Case, exposed: tuple[str, ...], subject: 
     dtype = case.dtype
     cells: list[Cell] = []
     got = {"logits": output.logits, **output.points}
-    mask = torch.ones(case.input_ids.shape, dtype=torch.bool)
     names = [n for n in point_names(case.spec, tuple(exposed)) if n in got and split_name(n)[1] != "input"]
+    not_judged: list[str] = []
+    if ref is not None and "topk_idx" not in exposed:  # its own flips are unknown: no point after routing
+        cut = next((i for i, n in enumerate(names) if _after_first_routing(n)), len(names))
+        names, not_judged = names[:cut], names[cut:]
+    left_out = flipped_tokens(case.spec.num_layers, case.input_ids.shape, got, truth, ref)
     for name in names:
         point = split_name(name)[1]
         s, t = got[name].cpu(), truth.points.get(name, truth.logits if name == "logits" else None)
         r = None if ref is None else ref.points.get(name, ref.logits if name == "logits" else None)
-        if point == "topk_idx":
-            cells.append(Cell(name, check("routing", dtype, s, t)))
-            same = metrics.same_expert_set(s, t)
-            if r is not None:
-                same &= metrics.same_expert_set(r, t)
-            mask &= same
+        keep = ~left_out(name)
+        if point == "topk_idx":  # agreement among the tokens whose inputs are still comparable
+            cells.append(Cell(name, check("routing", dtype, s, t, tokens=None if keep.all() else keep)))
             continue
-        tokens = None if mask.all() else mask
-        if ref is None:
+        tokens = None if keep.all() else keep
+        if not keep.any():  # every token read a flipped one: nothing left to judge at this point
+            cells.append(Cell(name, dataclasses.replace(verdict("truth" if ref is not None else "oracle", dtype, 0.0, 0.0),
+                                                        excluded=int(keep.numel()))))
+        elif ref is None:
             cells.append(Cell(name, check("oracle", dtype, s, t, tokens=tokens)))
         else:
             cells.append(Cell(name, check("truth", dtype, s, t, r, tokens=tokens)))
@@ -85,7 +134,7 @@ def judge_output(output: Output, case: Case, exposed: tuple[str, ...], subject: 
             cells.append(Cell("logits", check("oracle", dtype, output.logits.cpu(), truth.logits)))
     else:
         cells.append(Cell("next-token", check("free-logits", dtype, output.logits.cpu(), truth.logits, ref.logits)))
-    return SubjectVerdict(subject, case.dtype_name, cells)
+    return SubjectVerdict(subject, case.dtype_name, cells, not_judged)
 
 
 def judge_subject(subject, case: Case, baseline=None) -> SubjectVerdict:

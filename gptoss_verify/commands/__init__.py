@@ -31,6 +31,9 @@ MODULES: tuple[str, ...] = (
     "roundtrip",
     "sharded_forward",
     "diff",
+    "matrix",
+    "case",
+    "judge",
 )
 
 

@@ -8,7 +8,6 @@ and writes a safetensors file holding `logits` [B, S, V] and any trace points un
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -37,8 +36,12 @@ def export_case(case: Case, out_dir: str | Path, layout: str = "hf", mxfp4: bool
     from ..formats.safetensors_io import atomic_directory
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        state = case.dense_state()
-        layouts.module(layout).write(iter(state.items()), case.spec, tmp / CHECKPOINT, mxfp4=mxfp4, dtype=case.dtype)
+        if mxfp4 and layout not in layouts.MXFP4_CAPABLE:
+            raise SubjectError(f"case export: the {layout} layout holds no MXFP4 experts "
+                               f"(MXFP4 layouts: {', '.join(sorted(layouts.MXFP4_CAPABLE))})")
+        # MXFP4 experts are copied as they are (byte for byte); dense ones decoded exactly
+        stream = iter(case.state.items()) if mxfp4 and case.state is not None else iter(case.dense_state().items())
+        layouts.module(layout).write(stream, case.spec, tmp / CHECKPOINT, mxfp4=mxfp4, dtype=case.dtype)
         save_file({"input_ids": case.input_ids.to(torch.int64).contiguous(),
                    "positions": case.positions().to(torch.int64).contiguous()}, str(tmp / INPUTS))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -59,11 +62,21 @@ def load_case(case_dir: str | Path) -> Case:
     """The case an exported directory holds (its checkpoint checked against the manifest's sha256s)."""
     from ..config import ModelSpec
     case_dir = Path(case_dir)
+    path = case_dir / MANIFEST
     try:
-        manifest = json.loads((case_dir / MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SubjectError(f"{case_dir}: no {MANIFEST} (not a case written by `case export`)") from None
+        raise SubjectError(f"{path}: no such file (not a case written by `case export`)") from None
+    except ValueError as err:
+        raise SubjectError(f"{path}: not JSON ({err})") from None
+    missing = [k for k in ("format", "spec", "dtype", "offset", "sha256") if k not in manifest]
+    if missing:
+        raise SubjectError(f"{path}: no field {', '.join(missing)}")
+    if manifest["format"] != FORMAT_VERSION:
+        raise SubjectError(f"{path}: format {manifest['format']}, expected {FORMAT_VERSION}")
     for rel, digest in manifest["sha256"].items():
+        if not (case_dir / rel).is_file():
+            raise SubjectError(f"{case_dir / rel}: listed in {MANIFEST} but missing")
         if _sha256(case_dir / rel) != digest:
             raise SubjectError(f"{case_dir / rel}: sha256 differs from the manifest's (the case was modified)")
     inputs = load_file(str(case_dir / INPUTS))
@@ -89,46 +102,3 @@ def judge_dump(case_dir: str | Path, dump: str | Path, name: str = "engine"):
     output = read_dump(dump, case)
     points = tuple(dict.fromkeys(["logits", *(split_name(n)[1] for n in output.points)]))
     return judge_output(output, case, points, name)
-
-
-# ---- commands (wired into the CLI by the coordinator) --------------------------------------------
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", help="directory to write the case into (must not exist)")
-    parser.add_argument("--preset", default="tiny", help="model shape (config preset)")
-    parser.add_argument("--layout", default="hf", help="checkpoint layout: hf, openai, megatron, ...")
-    parser.add_argument("--mxfp4", action="store_true", help="MXFP4 experts (else dense)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--offset", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def run_export(args: argparse.Namespace) -> int:
-    from ..config import preset
-    from ..weights import random_weights
-    spec = preset(args.preset)
-    dtype = getattr(torch, args.dtype)
-    ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed + 1))
-    case = Case(spec, ids, args.offset, dtype, random_weights(spec, args.seed, "typical", torch.float32))
-    export_case(case, args.out_dir, args.layout, args.mxfp4, args.seed)
-    print(f"wrote case {args.out_dir}")
-    return 0
-
-
-def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("case_dir", help="a directory written by `case export`")
-    parser.add_argument("dump", help="the engine's safetensors dump (logits plus any trace points)")
-    parser.add_argument("--name", default="engine", help="the subject's name in the report")
-
-
-def run_judge(args: argparse.Namespace) -> int:
-    try:
-        verdict = judge_dump(args.case_dir, args.dump, args.name)
-    except SubjectError as err:
-        print(f"error: {err}")
-        return 1
-    for cell in verdict.cells:
-        print(f"{cell.name}: {cell.verdict}")
-    print("PASS" if verdict.passed else f"FAIL at {verdict.first_failure.name}")
-    return 0 if verdict.passed else 1

@@ -69,6 +69,19 @@ class Case:
         if self.offset < 0:
             raise ValueError(f"Case.offset: expected >= 0, got {self.offset}")
 
+    @classmethod
+    def random(cls, spec: ModelSpec, dtype: torch.dtype, batch: int = 8, seq: int = 24, offset: int = 0,
+               seed: int = 0, device: str = "cpu") -> "Case":
+        """The standard case of the matrix, the plugin and `case export`: random weights of the
+        `typical` profile (every branch exercised, `weights.py`) with the experts on the MXFP4 grid
+        (so subjects that load MXFP4, as OpenAI's and an MXFP4 checkpoint do, run the same model),
+        random token ids. Seeded: the same arguments give the same case."""
+        from ..formats import canonical
+        from ..weights import random_weights
+        ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed + 1))
+        state = dict(canonical.to_mxfp4(random_weights(spec, seed, "typical", torch.float32).items()))
+        return cls(spec, ids, offset, dtype, state, device=device)
+
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")

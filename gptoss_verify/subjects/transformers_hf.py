@@ -17,7 +17,10 @@ from .protocol import ALL_POINTS, Case, Output, SubjectUnavailable, Trace
 
 ATTENTION = ("eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 # (GPT-OSS declares _supports_sdpa = False, so sdpa is not among them)
-EXPERTS = ("eager", "grouped_mm", "batched_mm")
+# transformers 5.24's `ALL_EXPERTS_FUNCTIONS` (integrations/moe.py) plus its default, eager;
+# deepgemm and sonicmoe are CUDA kernels fetched from the Hub by the `kernels` package
+EXPERTS = ("eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe")
+_HUB_KERNELS = ("deepgemm", "sonicmoe")
 _INSIDE_ATTENTION = ("q", "k", "v", "attn_core")
 
 
@@ -36,7 +39,7 @@ def experts_implementations() -> tuple[str, ...]:
         known = tuple(getattr(moe, "ALL_EXPERTS_FUNCTIONS", {}).keys())
     except ImportError:
         known = ()
-    return ("eager",) + tuple(e for e in EXPERTS[1:] if e in known) if known else ("eager",)
+    return ("eager",) + tuple(e for e in known if e != "eager")
 
 
 class HFSubject:
@@ -54,6 +57,14 @@ class HFSubject:
     def _check(self, case: Case) -> None:
         if case.dtype_name not in self.precisions:
             raise SubjectUnavailable(f"{self.name}: transformers' {self.experts} experts reject {case.dtype_name}")
+        if self.experts not in experts_implementations():
+            raise SubjectUnavailable(f"{self.name}: the installed transformers has no {self.experts} experts "
+                                     f"(it has {', '.join(experts_implementations())})")
+        if self.experts in _HUB_KERNELS:
+            import importlib.util
+            if not case.device.startswith("cuda") or importlib.util.find_spec("kernels") is None:
+                raise SubjectUnavailable(f"{self.name}: transformers' {self.experts} experts need CUDA and the "
+                                         f"`kernels` package (kernels fetched from the Hub)")
         if self.attention == "flex_attention" and not case.device.startswith("cuda"):
             raise SubjectUnavailable(f"{self.name}: transformers refuses flex_attention with sinks on the CPU (GPU only)")
         if self.attention.startswith("flash_attention"):

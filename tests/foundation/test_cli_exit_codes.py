@@ -70,7 +70,32 @@ CASES: dict[str, Cases] = {
         usage=lambda f: [f.ckpt],  # no B
         bad_input=lambda f: ([f.ckpt, f.bad_ckpt], "config.json"),
         passing=lambda f: [f.ckpt, f.ckpt, "--tokens", "4", "--json", f.tmp / "d.json"]),
+    "matrix": Cases(
+        usage=lambda f: ["--subject", "no-such-subject"],
+        bad_input=lambda f: (["--subject", "reference", "--config", f.bad_json], f.bad_json.name),
+        passing=lambda f: ["--subject", "reference", "--dtype", "float64", "--layers", "1", "--batch", "1",
+                           "--seq", "4", "--no-probes", "--report", f.tmp / "mx.md", "--json", f.tmp / "mx.json"]),
+    "case": Cases(
+        usage=lambda f: ["export", f.tmp / "case", "--to", "gguf"],
+        bad_input=lambda f: (["export", f.tmp / "case", "--config", f.bad_json], f.bad_json.name),
+        passing=lambda f: ["export", f.tmp / "case", "--layers", "1", "--seq", "4", "--json", f.tmp / "ce.json"]),
+    "judge": Cases(
+        usage=lambda f: [f.tmp],  # no DUMP
+        bad_input=lambda f: ([f.bad_json.parent, f.tmp / "dump.safetensors"], "manifest.json"),
+        passing=lambda f: [*_case_and_dump(f.tmp), "--json", f.tmp / "j.json"]),
 }
+
+
+def _case_and_dump(tmp: Path) -> list[Path]:
+    """A one-layer case exported by the command and our reference's dump of it (logits only)."""
+    from safetensors.torch import save_file
+
+    from gptoss_verify.subjects.dump import load_case
+    from gptoss_verify.subjects.ours import Ours
+    case_dir, dump = tmp / "jcase", tmp / "jdump.safetensors"
+    assert main(["case", "export", str(case_dir), "--layers", "1", "--seq", "4", "--batch", "1"]) == 0
+    save_file({"logits": Ours("reference").run(load_case(case_dir)).logits.contiguous()}, str(dump))
+    return [case_dir, dump]
 
 
 @pytest.fixture(scope="module")

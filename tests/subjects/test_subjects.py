@@ -172,7 +172,34 @@ def test_malformed_dump(tmp_path, tensors, field):
 
 def test_matrix_writes_reports(tmp_path):
     from gptoss_verify.subjects.matrix import matrix
-    data = matrix(["reference", "hf-eager", "hf:flex_attention:eager"], make_case(seq=8), tmp_path)
-    assert data["subjects"]["reference"]["layers.0.q"]["passed"]
-    assert data["subjects"]["hf:flex_attention:eager"].startswith("unavailable")
+    data = matrix(["reference", "hf-eager", "hf:flex_attention:eager"], make_case(seq=8), tmp_path, with_probes=False)
+    rows = {r["subject"]: r for r in data["rows"]}
+    assert rows["reference"]["cells"]["layers.0.q"]["passed"] and rows["reference"]["passed"]
+    assert rows["hf:flex_attention:eager"]["status"] == "unavailable" and "CPU" in rows["hf:flex_attention:eager"]["reason"]
     assert {p.name for p in tmp_path.iterdir()} == {"matrix.md", "matrix.json", "matrix.png"}
+    text = (tmp_path / "matrix.md").read_text()
+    assert "| hf-eager | PASS |" in text and "unavailable: " in text and "![" in text
+
+
+def test_matrix_marks_a_broken_subject_and_an_error(monkeypatch):
+    """A subject with a wrong point fails its row (FAIL in the markdown, the failing cell in the notes);
+    one that hands back a malformed answer is an ERROR row, not a crash of the whole matrix."""
+    from gptoss_verify.subjects import matrix
+
+    class Malformed:
+        name, precisions, points = "malformed", ("float32",), ("logits",)
+
+        def run(self, case):
+            return torch.zeros(1)
+
+    module = type(sys)("user_engines")
+    module.broken, module.malformed = BrokenMLP, Malformed
+    monkeypatch.setitem(sys.modules, "user_engines", module)
+    rows = matrix.run(["python:user_engines:broken", "python:user_engines:malformed"], [make_case(seq=8)],
+                      with_probes=False, progress=False)
+    assert [(r.status, r.passed) for r in rows] == [("judged", False), ("error", False)]
+    text = matrix.to_markdown(matrix.to_json(rows, {}))
+    assert "| broken | **FAIL** |" in text and "broken layers.0.mlp_out: FAIL truth" in text
+    assert "| malformed | **ERROR**: subject malformed: logits has shape [1]" in text
+    with pytest.raises(SubjectError, match="no_such_module"):
+        matrix.run(["python:no_such_module:build"], [make_case(seq=8)], with_probes=False, progress=False)

@@ -34,9 +34,8 @@ def run(args: argparse.Namespace) -> int:
     for cell in verdict.cells:
         if not cell.verdict.passed:
             print(f"{cell.name}: {cell.verdict}", file=out)
-    if verdict.not_judged:
-        print(f"not judged (no topk_idx in the dump, so routing flips cannot be told from errors): "
-              f"{', '.join(verdict.not_judged)}", file=out)
+    for name, why in verdict.not_judged.items():
+        print(f"{name}: not judged, {why}", file=out)
     first = verdict.first_failure
     print("PASS" if verdict.passed else f"FAIL: first failing point {first.name}", f"({len(verdict.cells)} cells judged)",
           file=out)

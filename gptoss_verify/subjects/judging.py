@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 from .. import metrics
-from ..judge import Verdict, check, verdict
+from ..judge import Verdict, check
 from .ours import Ours
 from .protocol import Case, Output, layer_name, point_names, split_name, validate_output
 
@@ -36,7 +36,7 @@ class SubjectVerdict:
     subject: str
     dtype: str
     cells: list[Cell]
-    not_judged: list[str] = dataclasses.field(default_factory=list)  # handed back, but see the docstring
+    not_judged: dict[str, str] = dataclasses.field(default_factory=dict)  # handed back, not judged: why
 
     @property
     def passed(self) -> bool:
@@ -94,6 +94,11 @@ def flipped_tokens(num_layers: int, shape: torch.Size, got: dict, truth: Output,
     return left_out
 
 
+NO_ROUTING = ("it exposes no topk_idx, so its routing flips cannot be told from errors "
+              "(judged on the next-token distributions instead)")
+ALL_LEFT_OUT = "every token was left out (each was routed elsewhere, or read a token that was, at an earlier layer)"
+
+
 def _after_first_routing(name: str) -> bool:
     layer, point = split_name(name)
     return name in ("final_norm", "logits") or (layer is not None and (layer > 0 or point in AFTER_ROUTING))
@@ -108,23 +113,22 @@ def judge_output(output: Output, case: Case, exposed: tuple[str, ...], subject: 
     cells: list[Cell] = []
     got = {"logits": output.logits, **output.points}
     names = [n for n in point_names(case.spec, tuple(exposed)) if n in got and split_name(n)[1] != "input"]
-    not_judged: list[str] = []
+    not_judged: dict[str, str] = {}
     if ref is not None and "topk_idx" not in exposed:  # its own flips are unknown: no point after routing
         cut = next((i for i, n in enumerate(names) if _after_first_routing(n)), len(names))
-        names, not_judged = names[:cut], names[cut:]
+        not_judged.update((n, NO_ROUTING) for n in names[cut:])
+        names = names[:cut]
     left_out = flipped_tokens(case.spec.num_layers, case.input_ids.shape, got, truth, ref)
     for name in names:
         point = split_name(name)[1]
         s, t = got[name].cpu(), truth.points.get(name, truth.logits if name == "logits" else None)
         r = None if ref is None else ref.points.get(name, ref.logits if name == "logits" else None)
         keep = ~left_out(name)
-        if point == "topk_idx":  # agreement among the tokens whose inputs are still comparable
-            cells.append(Cell(name, check("routing", dtype, s, t, tokens=None if keep.all() else keep)))
-            continue
         tokens = None if keep.all() else keep
-        if not keep.any():  # every token read a flipped one: nothing left to judge at this point
-            cells.append(Cell(name, dataclasses.replace(verdict("truth" if ref is not None else "oracle", dtype, 0.0, 0.0),
-                                                        excluded=int(keep.numel()))))
+        if not keep.any():  # every token read a flipped one: nothing is left to judge here
+            not_judged[name] = ALL_LEFT_OUT
+        elif point == "topk_idx":  # agreement among the tokens whose inputs are still comparable
+            cells.append(Cell(name, check("routing", dtype, s, t, tokens=tokens)))
         elif ref is None:
             cells.append(Cell(name, check("oracle", dtype, s, t, tokens=tokens)))
         else:

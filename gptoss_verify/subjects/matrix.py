@@ -55,12 +55,13 @@ def probes_module():
         return None
 
 
-def judge_row(name: str, case: Case, baseline=None, with_probes: bool = True) -> Row:
-    """One subject in the case's dtype. A user's (`python:`) subject that cannot be imported is bad
-    input (`SubjectError`); a built-in one whose package is missing is an unavailable row."""
+def judge_row(name, case: Case, baseline=None, with_probes: bool = True) -> Row:
+    """One subject (a name, or a subject already resolved) in the case's dtype. A user's (`python:`)
+    subject that cannot be imported is bad input (`SubjectError`); a built-in one whose package is
+    missing is an unavailable row."""
     dtype = case.dtype_name
     try:
-        subject = resolve(name)
+        subject = resolve(name) if isinstance(name, str) else name
     except SubjectUnavailable as err:
         if name.startswith("python:"):
             raise SubjectError(str(err)) from None
@@ -121,7 +122,7 @@ def to_json(rows: list[Row], meta: dict) -> dict:
         row = {"subject": r.subject, "dtype": r.dtype, "status": r.status, "passed": r.passed, "reason": r.reason}
         if r.verdict is not None:
             row["cells"] = {c.name: dataclasses.asdict(c.verdict) for c in r.verdict.cells}
-            row["not_judged"] = list(r.verdict.not_judged)
+            row["not_judged"] = dict(r.verdict.not_judged)
         row["probes"] = {p.name: {"feature": p.feature, "passed": p.passed, "error": p.error, "bound": p.bound}
                          for p in r.probes}
         out["rows"].append(row)
@@ -197,9 +198,9 @@ def to_markdown(data: dict, title: str = "GPT-OSS subjects matrix") -> str:
             for name, p in r["probes"].items():
                 if not p["passed"]:
                     notes.append(f"- {r['subject']} probe {name}: FAIL — the feature at fault: {p['feature']}")
-            if r.get("not_judged"):
-                notes.append(f"- {r['subject']}: not judged point by point (it exposes no topk_idx, so its routing "
-                             f"flips cannot be told from errors): {', '.join(r['not_judged'])}")
+            for why in dict.fromkeys(r.get("not_judged", {}).values()):
+                which = [n for n, w in r["not_judged"].items() if w == why]
+                notes.append(f"- {r['subject']}: not judged, {why}: {', '.join(which)}")
         if notes:
             lines += ["Failures and notes:", "", *notes, ""]
     return "\n".join(lines)

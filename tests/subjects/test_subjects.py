@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -129,24 +127,16 @@ def test_python_subject_missing_module():
         resolve("python:no_such_engine:build")
 
 
-ENGINE = textwrap.dedent("""
-    import sys, torch
-    from safetensors.torch import save_file
-    from gptoss_verify.subjects.dump import load_case
+def test_dump_is_judged_with_and_without_routing_points(tmp_path):
+    """A dump of our reference's logits and attn_out: judged point by point where it carries topk_idx;
+    without, past layer 0's routing only the distributions are judged and the rest is named."""
     from gptoss_verify.subjects.ours import Ours
-    case = load_case(sys.argv[1])
-    out = Ours("reference").run(case)
-    names = ["layers.1.attn_out"] + (["layers.0.topk_idx", "layers.1.topk_idx"] if sys.argv[3] == "idx" else [])
-    save_file({"logits": out.logits.contiguous(), **{n: out.points[n].contiguous() for n in names}}, sys.argv[2])
-""")
-
-
-def test_out_of_process_dump_is_judged(tmp_path):
     case_dir = dumps.export_case(make_case(torch.bfloat16, seq=16), tmp_path / "case", "hf", mxfp4=False, seed=0)
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = Ours("reference").run(dumps.load_case(case_dir))
     for idx in ("idx", "no-idx"):
+        names = ["layers.1.attn_out"] + (["layers.0.topk_idx", "layers.1.topk_idx"] if idx == "idx" else [])
         dump = tmp_path / f"dump-{idx}.safetensors"
-        subprocess.run([sys.executable, "-c", ENGINE, str(case_dir), str(dump), idx], check=True, env=env)
+        save_file({"logits": out.logits.contiguous(), **{n: out.points[n].contiguous() for n in names}}, str(dump))
         verdict = dumps.judge_dump(case_dir, dump)
         assert verdict.passed, verdict.first_failure
         judged = {c.name for c in verdict.cells}

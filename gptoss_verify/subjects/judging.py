@@ -53,9 +53,14 @@ def truth_and_reference(case: Case) -> tuple[Output, Output | None]:
     wide = dataclasses.replace(case, state={n: t.double() if t.is_floating_point() else t for n, t in rounded.items()},
                                checkpoint=None, dtype=torch.float64)
     ours = Ours("reference")
-    truth = ours.run(wide)
-    ref = None if case.dtype == torch.float64 else ours.run(dataclasses.replace(case, state=rounded, checkpoint=None))
+    truth = _on_cpu(ours.run(wide))  # judged on the CPU, where subjects' answers are brought
+    ref = None if case.dtype == torch.float64 else _on_cpu(ours.run(dataclasses.replace(case, state=rounded,
+                                                                                           checkpoint=None)))
     return truth, ref
+
+
+def _on_cpu(out: Output) -> Output:
+    return Output(out.logits.cpu(), {n: t.cpu() for n, t in out.points.items()})
 
 
 AFTER_ROUTING = ("topk_weights", "mlp_out", "resid_mlp")

@@ -20,8 +20,9 @@ from ..config import ConfigError, ModelSpec
 from . import canonical
 from .canonical import Stream, TensorTable
 from .errors import CheckpointError
+from .fileio.partials import atomic_directory
 from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, PlannedWriter, SafetensorsDir, TensorInfo,
-                             atomic_directory, hf_shard_name, plan_shards, write_json)
+                             hf_shard_name, plan_shards, write_json)
 
 NAME = "hf"
 CONFIG = "config.json"

@@ -23,8 +23,9 @@ from . import canonical
 from .canonical import Stream, TensorTable
 from ..schema import is_expert_weight
 from .errors import CheckpointError
+from .fileio.partials import atomic_directory
 from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, PlannedWriter, SafetensorsDir, TensorInfo,
-                             atomic_directory, dtype_code, plan_shards, write_json)
+                             dtype_code, plan_shards, write_json)
 
 NAME = "openai"
 CONFIG = "config.json"

@@ -34,7 +34,7 @@ def export_case(case: Case, out_dir: str | Path, layout: str = "hf", mxfp4: bool
     """Write the case as a directory an engine can run without us (temp name, then rename)."""
     import gptoss_verify
     from ..formats import layout as layouts
-    from ..formats.safetensors_io import atomic_directory
+    from ..formats.fileio.partials import atomic_directory
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         state = case.dense_state()

@@ -16,13 +16,13 @@ import platform
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import judge, metrics
 from .backends import block_functions
 from .config import TINY_VARIANTS, ModelSpec
 from .dtypes import DTYPES
-from .formats.fileio.partials import scratch_directory, write_file
+from .formats.fileio.partials import open_output, scratch_directory, write_file
 from .model import Transformer
 from .dtypes import dtype_name
 from .trace import Trace
@@ -136,8 +136,10 @@ def _regenerate(out_dir: Path, cases: list[GoldenCase], transformers_version: st
             logits, trace = _oracle_outputs(case)
             names, table = summaries(trace)
             path = Path(tmp) / f"{case.name}.safetensors"
-            save_file({"input_ids": case.tokens(), "logits": logits.float().contiguous(), "summaries": table},
-                      str(path), metadata={"points": json.dumps(names)})
+            data = save({"input_ids": case.tokens(), "logits": logits.float().contiguous(), "summaries": table},
+                        metadata={"points": json.dumps(names)})
+            with open_output(path) as f:  # our own write call: its errors name the file
+                f.write(data)
             manifest["cases"][case.name] = {**dataclasses.asdict(case), "file": path.name, "sha256": _sha256(path)}
             print(f"golden {case.name}", flush=True)
         for case in cases:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .protocol import Case, SubjectError, validate_output, split_name
 
@@ -34,13 +34,16 @@ def export_case(case: Case, out_dir: str | Path, layout: str = "hf", mxfp4: bool
     """Write the case as a directory an engine can run without us (temp name, then rename)."""
     import gptoss_verify
     from ..formats import layout as layouts
-    from ..formats.fileio.partials import atomic_directory
+    from ..formats.fileio.partials import atomic_directory, open_output
+    from ..formats.safetensors_io import write_json
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         state = case.dense_state()
         layouts.module(layout).write(iter(state.items()), case.spec, tmp / CHECKPOINT, mxfp4=mxfp4, dtype=case.dtype)
-        save_file({"input_ids": case.input_ids.to(torch.int64).contiguous(),
-                   "positions": case.positions().to(torch.int64).contiguous()}, str(tmp / INPUTS))
+        inputs = save({"input_ids": case.input_ids.to(torch.int64).contiguous(),
+                       "positions": case.positions().to(torch.int64).contiguous()})
+        with open_output(tmp / INPUTS) as f:  # our own write call: its errors name the file
+            f.write(inputs)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "format": FORMAT_VERSION, "gptoss_verify": getattr(gptoss_verify, "__version__", "unknown"),
@@ -51,7 +54,7 @@ def export_case(case: Case, out_dir: str | Path, layout: str = "hf", mxfp4: bool
                 int(case.input_ids.shape[0]), int(case.input_ids.shape[1]), case.spec.vocab_size]},
             "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in files},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(tmp / MANIFEST, manifest)
     return out_dir
 
 

@@ -58,7 +58,12 @@ _PARTIAL = re.compile(r"^\..+\.partial-[A-Za-z0-9_]{8,}$")
 class WriteError(CheckpointError):
     """An output could not be written (disk full, I/O error, another run finished it first). The
     message names the file; the partial output has been removed and the destination is as it was.
-    A `ValueError`, so the CLI prints it as one line and exits 1."""
+    A `ValueError`, so the CLI prints it as one line and exits 1. `file`, `reason` and `dst`
+    (when it came from an OSError) let an enclosing partial name the file by its final name."""
+
+    def __init__(self, message: str, file: Path | None = None, reason: str = "", dst: Path | None = None):
+        super().__init__(message)
+        self.file, self.reason, self.dst = file, reason, dst
 
 
 # ---- who owns a partial -----------------------------------------------------------------------
@@ -258,15 +263,18 @@ def atomic_output(dst: str | Path, *, directory: bool) -> Iterator[Path]:
     try:
         partial = claim(dst, directory=directory)
     except OSError as err:
-        raise WriteError(_describe(err, dst, None)) from None
+        raise _write_error(err, dst, None) from None
     try:
         yield partial.path
         partial.commit()
     except BaseException as exc:
         partial.discard()
+        if isinstance(exc, WriteError) and exc.file is not None and _inside(exc.file, partial.path):
+            # a nested output's error (a checkpoint inside a case): named by the outer destination
+            raise _named_error(_final_name(exc.file, dst, partial.path), exc.reason, dst) from None
         os_error = None if isinstance(exc, (KeyboardInterrupt, WriteError)) else write_os_error(exc, partial.path)
         if os_error is not None:
-            raise WriteError(_describe(os_error, dst, partial.path)) from None
+            raise _write_error(os_error, dst, partial.path) from None
         raise
 
 
@@ -340,18 +348,27 @@ def _inside(path: Path, partial: Path) -> bool:
         return False
 
 
-def _describe(err: OSError, dst: Path, partial: Path | None) -> str:
-    """'FILE: cannot write (REASON); ...', FILE being the destination file that was being written
-    (the partial's name mapped back onto the destination) or, when the error names none, `dst`."""
-    name = Path(os.fsdecode(err.filename)) if err.filename else dst
+def _final_name(name: Path, dst: Path, partial: Path | None) -> Path:
+    """The destination file a file inside `partial` becomes (`dst` for the partial itself)."""
     if partial is not None:
         with contextlib.suppress(ValueError):
             name = dst / name.absolute().relative_to(partial.absolute()) if name != partial else dst
     if name.name.endswith(".partial"):  # a file's own partial inside the folder's (TorchZipWriter)
         name = name.with_name(name.name[: -len(".partial")])
+    return name
+
+
+def _write_error(err: OSError, dst: Path, partial: Path | None) -> WriteError:
+    """'FILE: cannot write (REASON); ...', FILE being the destination file that was being written
+    (the partial's name mapped back onto the destination) or, when the error names none, `dst`."""
+    name = _final_name(Path(os.fsdecode(err.filename)) if err.filename else dst, dst, partial)
     reason = err.strerror or str(err) or type(err).__name__
-    code = f"[Errno {err.errno}] " if err.errno else ""
-    return f"{name}: cannot write ({code}{reason}); nothing was written to {dst} (the partial output was removed)"
+    return _named_error(name, f"[Errno {err.errno}] {reason}" if err.errno else reason, dst)
+
+
+def _named_error(name: Path, reason: str, dst: Path) -> WriteError:
+    return WriteError(f"{name}: cannot write ({reason}); nothing was written to {dst} (the partial output was removed)",
+                      name, reason, dst)
 
 
 def open_output(path: str | Path, mode: str = "wb", buffering: int = -1):

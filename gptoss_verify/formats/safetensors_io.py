@@ -144,6 +144,9 @@ class SafetensorsDir:
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict):
                 raise ValueError("weight_map is not an object")
+            bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or "/" in v or v.startswith(".")), None)
+            if bad is not None:
+                raise ValueError(f"weight_map places tensor {bad} in {weight_map[bad]!r}, not a file name beside the index")
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{self.index_path}: corrupt index ({err!r})") from None
         headers: dict[str, dict[str, TensorInfo]] = {}
@@ -164,10 +167,11 @@ class SafetensorsDir:
                 if weight_map.get(name) != file_name:
                     raise CheckpointError(f"{self.directory / file_name}: holds tensor {name}, which the "
                                           f"index does not place in this file")
-        total = index.get("metadata", {}).get("total_size")
+        meta = index.get("metadata")
+        total = meta.get("total_size") if isinstance(meta, dict) else None
         actual = sum(t.nbytes for t in self.tensors.values())
-        if total is not None and int(total) != actual:
-            raise CheckpointError(f"{self.index_path}: metadata.total_size is {total}, the tensors hold {actual} bytes")
+        if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total != actual):
+            raise CheckpointError(f"{self.index_path}: metadata.total_size is {total!r}, the tensors hold {actual} bytes")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -146,3 +146,37 @@ def test_a_nested_outputs_error_names_the_outer_destination(tmp_path):
                 raise OSError(28, "No space left on device", str(inner / "model.safetensors"))
     assert str(info.value).startswith(f"{dst / 'checkpoint' / 'model.safetensors'}: cannot write ([Errno 28]")
     assert leftovers(tmp_path) == []
+
+
+def test_parameter_count_matches_the_canonical_shapes():
+    """The closed form that bounds a spec read from a file counts what the canonical shapes hold."""
+    import math
+
+    from gptoss_verify.config import TINY_VARIANTS, preset
+    from gptoss_verify.schema import canonical_shapes, parameter_count
+    for spec in [*TINY_VARIANTS.values(), preset("gpt-oss-20b"), preset("gpt-oss-120b")]:
+        assert parameter_count(spec) == sum(math.prod(s) for s in canonical_shapes(spec).values())
+
+
+@pytest.mark.parametrize("layout,file,edit", [
+    ("megatron", "gptoss_verify_megatron.json", lambda m: m["spec"].update(num_experts=2 ** 40)),
+    ("megatron-dist", "gptoss_verify_megatron.json", lambda m: m["spec"].update(num_layers=10 ** 9)),
+    ("hf", "config.json", lambda m: m.update(num_hidden_layers=10 ** 8, layer_types=None)),
+])
+def test_a_spec_claiming_a_huge_model_is_refused_before_planning(layout, file, edit, small_mxfp4, tmp_path, capsys):
+    """Readers plan per layer and expert from the config; one claiming far more than the files hold
+    is refused in one line (it used to hang, planning 1e8 layers)."""
+    import json
+    import time
+
+    from .conftest import cli
+    src = tmp_path / "m"
+    assert cli("convert", small_mxfp4, src, "--to", layout) == 0
+    meta = json.loads((src / file).read_text())
+    edit(meta)
+    (src / file).write_text(json.dumps(meta))
+    capsys.readouterr()
+    start = time.monotonic()
+    assert cli("convert", src, tmp_path / "out", "--to", "hf") == 1
+    assert time.monotonic() - start < 10
+    assert f"{file}: describes a model of" in capsys.readouterr().err

@@ -1,17 +1,18 @@
 """The generated bad-input battery (issue 18 item 4): what is mutated, how, and what counts as a
 clean end.
 
-A `Target` is one kind of file we read, inside a small valid checkpoint: the safetensors shards,
-index and config of an HF checkpoint, the config and shard of an OpenAI one, a Megatron rank file and
-sidecar, the torch_dist `.metadata` and `metadata.json`. Hypothesis draws a mutation for its kind
+A `Target` is one kind of file we read, inside a small valid input: the safetensors shards,
+index and config of an HF checkpoint, the config and shard of an OpenAI one, a Megatron rank file,
+sidecar and tracker, the torch_dist `.metadata`, `.distcp` and `metadata.json`, an engine's dump and
+an exported case (manifest, inputs), and the second checkpoint of `diff A B`. Hypothesis draws a mutation for its kind
 (`mutations`): JSON edits (types, ranges, missing and extra fields), header edits (dtypes, shapes,
 offsets, the length field), truncation, byte flips, zip-directory damage, pickles with globals.
 Each mutated checkpoint is read by the command in a forked child (`run_clean`) under a time bound
 and an address-space bound, with every write call watched.
 
-Hook for issue 16 (engine dumps, case manifests): a reader of a new format adds a `Target` to
-`TARGETS` (a pristine input, the files to mutate with their kinds, the command that reads it, and
-how an accepted input is checked); the test and the figures pick it up unchanged.
+A reader of a new format adds a `Target` to `TARGETS` (a pristine input, the files to mutate with
+their kinds, the command that reads it, and how an accepted input is checked); the test, the
+figures and the thorough profile pick it up unchanged.
 """
 from __future__ import annotations
 
@@ -43,12 +44,34 @@ class Target:
     name: str
     layout: str  # the pristine checkpoint it lives in (a key of the `pristine` fixture)
     files: tuple[tuple[str, str], ...]  # (glob inside the checkpoint, mutation kind)
-    command: Callable[[Path, Path], list]  # (src, dst) -> CLI arguments
-    oracle: str  # how an accepted input is checked: "raw" tensors equal, or "valid" output
+    command: Callable  # (src, dst, pristine) -> CLI arguments, or a call returning the exit code
+    oracle: str  # how an accepted input is checked: "raw" tensors equal, "valid" output, "dump", "diff"
 
 
 def _convert_to(layout: str, *extra):
-    return lambda src, dst: ["convert", src, dst, "--to", layout, *extra]
+    return lambda src, dst, pristine: ["convert", src, dst, "--to", layout, *extra]
+
+
+def _judge_dump(src: Path, dst: Path, pristine) -> Callable[[], int]:
+    """Read an exported case and an engine's dump and judge it (`case judge` until that command is
+    registered); the verdict goes to `dst` as JSON. Errors as the CLI prints them."""
+    def call() -> int:
+        import sys
+
+        from gptoss_verify.cli import INPUT_ERRORS
+        from gptoss_verify.subjects.dump import judge_dump
+        try:
+            verdict = judge_dump(src / "case", src / "dump.safetensors")
+        except INPUT_ERRORS as err:
+            print(f"gptoss-verify case: error: {err}", file=sys.stderr)
+            return 1
+        dst.write_text(json.dumps({"passed": verdict.passed, "cells": [c.name for c in verdict.cells]}))
+        return 0
+    return call
+
+
+def _diff_against_pristine(src: Path, dst: Path, pristine) -> list:
+    return ["diff", pristine["hf"], src, "--json", dst, "--tokens", 4]
 
 
 TARGETS = {t.name: t for t in [
@@ -65,6 +88,11 @@ TARGETS = {t.name: t for t in [
            _convert_to("hf"), "valid"),
     Target("torch_dist-json", "megatron-dist", (("iter_*/metadata.json", "json"), ("gptoss_verify_megatron.json", "config")),
            _convert_to("hf"), "valid"),
+    Target("engine-dump", "case", (("dump.safetensors", "safetensors"),), _judge_dump, "dump"),
+    Target("case-manifest", "case", (("case/manifest.json", "config"), ("case/inputs.safetensors", "safetensors")),
+           _judge_dump, "case"),
+    Target("diff-second-checkpoint", "hf", (("*.safetensors", "safetensors"), ("config.json", "config"),
+                                            ("model.safetensors.index.json", "json")), _diff_against_pristine, "diff"),
 ]}
 
 
@@ -266,16 +294,16 @@ def _limit_memory(input_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
-def run_clean(argv: list, src: Path, work: Path) -> tuple[int, str, list]:
-    """Run the CLI on a (mutated) input in a forked child, bounded in time and address space; every
-    write call under `src` is recorded. Returns (exit code, stderr, writes under src)."""
+def run_clean(argv: list | Callable[[], int], src: Path, work: Path) -> tuple[int, str, list]:
+    """Run the CLI (or a call) on a (mutated) input in a forked child, bounded in time and address
+    space; every write call under `src` is recorded. Returns (exit code, stderr, writes under src)."""
     size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
     log = work / "events.json"
     faults = Faults(src)
 
     def child():
         _limit_memory(size)
-        return main([str(a) for a in argv])
+        return argv() if callable(argv) else main([str(a) for a in argv])
 
     code = run_forked(child, faults, log, timeout=TIME_BOUND_S)
     err = Path(str(log) + ".stderr").read_text(errors="replace")

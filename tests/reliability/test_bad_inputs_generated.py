@@ -20,6 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gptoss_verify.subjects.protocol import Case
+
 from .battery import MARKER, TARGETS, fresh_copy, mutated, run_clean
 from .conftest import THOROUGH, cli, tree_hashes
 from .test_kill import record
@@ -36,7 +38,27 @@ def pristine(small_mxfp4, tmp_path_factory) -> dict[str, Path]:
     for layout, extra in (("openai", []), ("megatron", []), ("megatron-dist", [])):
         out[layout] = root / layout
         assert cli("convert", small_mxfp4, out[layout], "--to", layout, *extra) == 0
+    out["case"] = _case_with_dump(root / "case")
     return out
+
+
+def _case_with_dump(root: Path) -> Path:
+    """An exported case (`case/`) and an engine's dump of it (`dump.safetensors`: our reference
+    model's logits and one trace point, as an out-of-process engine would write them)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from gptoss_verify.config import preset
+    from gptoss_verify.subjects.dump import export_case, load_case
+    from gptoss_verify.subjects.ours import Ours
+    from gptoss_verify.weights import random_weights
+    spec = preset("tiny").with_layers(2)
+    ids = torch.randint(0, spec.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2))
+    export_case(Case(spec, ids, 3, torch.bfloat16, random_weights(spec, 0, "typical", torch.float32)), root / "case")
+    out = Ours("reference").run(load_case(root / "case"))
+    save_file({"logits": out.logits.contiguous(), "layers.1.attn_out": out.points["layers.1.attn_out"].contiguous()},
+              str(root / "dump.safetensors"))
+    return root
 
 
 def raw_tensors(ckpt: Path) -> dict[str, tuple[str, list, str]]:
@@ -53,11 +75,11 @@ def raw_tensors(ckpt: Path) -> dict[str, tuple[str, list, str]]:
     return out
 
 
-def check_one(target, src: Path, work: Path, how: str, outcomes: Counter) -> None:
+def check_one(target, src: Path, work: Path, how: str, outcomes: Counter, pristine) -> None:
     before = tree_hashes(src)
     dst = work / "out"
     MARKER.unlink(missing_ok=True)
-    code, err, writes = run_clean(target.command(src, dst), src, work)
+    code, err, writes = run_clean(target.command(src, dst, pristine), src, work)
     where = f"{target.name} ({how})"
     assert not MARKER.exists(), f"{where}: a pickled global ran"
     assert code in (0, 1), f"{where}: exit {code}; stderr:\n{err[-3000:]}"
@@ -66,10 +88,20 @@ def check_one(target, src: Path, work: Path, how: str, outcomes: Counter) -> Non
     assert tree_hashes(src) == before, f"{where}: the input changed"
     lines = [ln.rsplit("\r", 1)[-1] for ln in err.split("\n") if ln.rsplit("\r", 1)[-1].strip()]
     lines = [ln for ln in lines if not ln.startswith("removing ")]
+    if code == 1 and target.oracle == "diff" and dst.is_file():  # a difference found, reported: not an error
+        assert lines == [], f"{where}: a report and error lines {lines}"
+        assert json.loads(dst.read_text())["same_model"] is False, f"{where}: exit 1 with a report of the same model"
+        outcomes["accepted"] += 1
+        return
     if code == 1:
         assert len(lines) == 1 and ": error: " in lines[0], f"{where}: expected one error line, got {lines}"
         assert sorted(os.listdir(work)) == ["events.json", "events.json.stderr", "src"], f"{where}: left behind"
         outcomes["refused"] += 1
+        return
+    if target.oracle in OTHER_ORACLES:
+        problem = OTHER_ORACLES[target.oracle](src, dst, pristine)
+        assert problem is None, f"{where}: accepted, but {problem}"
+        outcomes["accepted"] += 1
         return
     assert dst.is_dir(), f"{where}: exit 0 without an output"
     if target.oracle == "raw":
@@ -77,6 +109,57 @@ def check_one(target, src: Path, work: Path, how: str, outcomes: Counter) -> Non
     else:
         assert cli("inspect", dst) == 0, f"{where}: accepted, but the output does not pass inspect"
     outcomes["accepted"] += 1
+
+
+def _dump_oracle(src: Path, dst: Path) -> str | None:
+    """An accepted dump was judged (a verdict written), and its logits, as parsed here, have the
+    case's [batch, seq, vocab] shape."""
+    manifest = json.loads((src / "case" / "manifest.json").read_text())
+    logits = raw_header(src / "dump.safetensors").get("logits")
+    want = [manifest["batch"], manifest["seq"], manifest["spec"]["vocab_size"]]
+    if not dst.is_file():
+        return "no verdict written"
+    if logits is None or logits["shape"] != want or logits["dtype"] not in ("F32", "BF16", "F16", "F64"):
+        return f"the dump's logits are {logits}, expected float {want}"
+    return None
+
+
+def _case_oracle(src: Path, dst: Path) -> str | None:
+    """An accepted case: every file is listed in the manifest with its true sha256 (hashed here) and
+    the inputs are the [batch, seq] int64 ids the manifest says."""
+    case = src / "case"
+    manifest = json.loads((case / "manifest.json").read_text())
+    files = {str(p.relative_to(case)) for p in case.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    listed = manifest["sha256"]
+    if set(listed) != files:
+        return f"the manifest lists {sorted(set(listed) ^ files)[:3]} differently from the files"
+    bad = [r for r, d in listed.items() if hashlib.sha256((case / r).read_bytes()).hexdigest() != d]
+    ids = raw_header(case / "inputs.safetensors").get("input_ids")
+    if bad:
+        return f"{bad[0]}'s sha256 differs from the manifest's"
+    if ids is None or ids["dtype"] != "I64" or ids["shape"] != [manifest["batch"], manifest["seq"]]:
+        return f"input_ids are {ids}, the manifest says [{manifest['batch']}, {manifest['seq']}]"
+    return _dump_oracle(src, dst)
+
+
+def _diff_oracle(src: Path, dst: Path, pristine) -> str | None:
+    """`diff A B` said the same model: then B's tensors are A's (name, dtype, shape, bytes)."""
+    report = json.loads(dst.read_text())
+    if report.get("same_model") is not True:
+        return f"exit 0 but the report says same_model={report.get('same_model')!r}"
+    if raw_tensors(src) != raw_tensors(pristine["hf"]):
+        return "diff says the same model, but B's tensors differ from A's"
+    return None
+
+
+OTHER_ORACLES = {"dump": lambda src, dst, _: _dump_oracle(src, dst),
+                 "case": lambda src, dst, _: _case_oracle(src, dst), "diff": _diff_oracle}
+
+
+def raw_header(path: Path) -> dict:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n])
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
@@ -93,7 +176,7 @@ def test_every_mutated_input_ends_cleanly(name, pristine, tmp_path):
         src = fresh_copy(pristine[target.layout], work)
         rel, how = data.draw(mutated(target, src), label="mutation")
         hows[how.split(":")[0]] += 1
-        check_one(target, src, work, f"{rel}: {how}", outcomes)
+        check_one(target, src, work, f"{rel}: {how}", outcomes, pristine)
 
     one()
     assert sum(outcomes.values()) >= min(EXAMPLES, 10)

@@ -95,6 +95,14 @@ class ModelSpec:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
                     or not math.isfinite(value):
                 raise ConfigError(f"{field}: expected a positive finite number, got {value!r}")
+        for field in ["rope_beta_fast", "rope_beta_slow"]:
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"{field}: expected a finite number, got {value!r}")
+        if not isinstance(self.rope_truncate, bool):
+            raise ConfigError(f"rope_truncate: expected true or false, got {self.rope_truncate!r}")
+        if not isinstance(self.name, str):
+            raise ConfigError(f"name: expected a string, got {self.name!r}")
         if self.rope_factor < 1.0:
             raise ConfigError(f"rope_factor: expected >= 1, got {self.rope_factor}")
         if self.rope_beta_fast <= self.rope_beta_slow:
@@ -141,6 +149,8 @@ class ModelSpec:
         cfg = _load_json(cfg)
         _require(cfg, ["hidden_size", "num_hidden_layers", "num_attention_heads"], "HF config.json")
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"rope_scaling: expected an object, got {rope!r}")
         layer_types = cfg.get("layer_types")
         spec = cls(
             vocab_size=cfg.get("vocab_size", 201088), hidden_size=cfg["hidden_size"],
@@ -150,20 +160,22 @@ class ModelSpec:
             num_experts=cfg.get("num_local_experts", cfg.get("num_experts", 128)),
             experts_per_token=cfg.get("num_experts_per_tok", cfg.get("experts_per_token", 4)),
             sliding_window=cfg.get("sliding_window", 128),
-            rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 150000.0))),
-            rope_factor=float(rope.get("factor", 1.0)) if rope.get("rope_type", "yarn") == "yarn" else 1.0,
-            rope_original_max_position=int(rope.get("original_max_position_embeddings",
-                                                    cfg.get("initial_context_length", 4096))),
-            rope_beta_fast=float(rope.get("beta_fast", 32.0)),
-            rope_beta_slow=float(rope.get("beta_slow", 1.0)),
-            rope_truncate=bool(rope.get("truncate", True)),
-            swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
-            swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=_number(cfg.get("rope_theta", rope.get("rope_theta", 150000.0)), "rope_theta"),
+            rope_factor=_number(rope.get("factor", 1.0), "factor") if rope.get("rope_type", "yarn") == "yarn" else 1.0,
+            rope_original_max_position=_integer(rope.get("original_max_position_embeddings",
+                                                         cfg.get("initial_context_length", 4096)),
+                                                "original_max_position_embeddings"),
+            rope_beta_fast=_number(rope.get("beta_fast", 32.0), "beta_fast"),
+            rope_beta_slow=_number(rope.get("beta_slow", 1.0), "beta_slow"),
+            rope_truncate=_flag(rope.get("truncate", True), "truncate"),
+            swiglu_alpha=_number(cfg.get("swiglu_alpha", 1.702), "swiglu_alpha"),
+            swiglu_limit=_number(cfg.get("swiglu_limit", 7.0), "swiglu_limit"),
+            rms_norm_eps=_number(cfg.get("rms_norm_eps", 1e-5), "rms_norm_eps"),
             max_position_embeddings=cfg.get("max_position_embeddings", 131072), name=name)
-        if layer_types is not None and list(layer_types) != spec.layer_types:
+        if layer_types is not None and (not isinstance(layer_types, list) or layer_types != spec.layer_types):
+            shown = layer_types[:4] if isinstance(layer_types, list) else layer_types
             raise ConfigError("layer_types: expected even layers sliding and odd layers full "
-                              f"({spec.layer_types[:2]}...), got {list(layer_types)[:4]}...")
+                              f"({spec.layer_types[:2]}...), got {shown!r}...")
         return spec
 
     # ---- OpenAI original config.json -------------------------------------------------------
@@ -192,18 +204,20 @@ class ModelSpec:
             num_heads=cfg["num_attention_heads"], num_kv_heads=cfg["num_key_value_heads"],
             head_dim=cfg["head_dim"], num_experts=cfg["num_experts"],
             experts_per_token=cfg["experts_per_token"], sliding_window=cfg["sliding_window"],
-            rope_theta=float(cfg.get("rope_theta", 150000.0)),
-            rope_factor=float(cfg.get("rope_scaling_factor", 32.0)),
-            rope_original_max_position=int(cfg.get("initial_context_length", 4096)),
-            rope_beta_fast=float(cfg.get("rope_ntk_beta", 32.0)),
-            rope_beta_slow=float(cfg.get("rope_ntk_alpha", 1.0)), rope_truncate=False,
-            swiglu_limit=float(cfg.get("swiglu_limit", 7.0)), name=name)
+            rope_theta=_number(cfg.get("rope_theta", 150000.0), "rope_theta"),
+            rope_factor=_number(cfg.get("rope_scaling_factor", 32.0), "rope_scaling_factor"),
+            rope_original_max_position=_integer(cfg.get("initial_context_length", 4096), "initial_context_length"),
+            rope_beta_fast=_number(cfg.get("rope_ntk_beta", 32.0), "rope_ntk_beta"),
+            rope_beta_slow=_number(cfg.get("rope_ntk_alpha", 1.0), "rope_ntk_alpha"), rope_truncate=False,
+            swiglu_limit=_number(cfg.get("swiglu_limit", 7.0), "swiglu_limit"), name=name)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ModelSpec":
+        if not isinstance(data, dict):
+            raise ConfigError(f"spec: expected an object, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - fields)
         if unknown:
@@ -216,11 +230,33 @@ def _load_json(cfg: dict[str, Any] | str | Path) -> dict[str, Any]:
         return cfg
     path = Path(cfg)
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _number(value: Any, key: str) -> float:
+    """A config field that must be a number (the range is ModelSpec's to check)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return value
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
 
 
 def _require(cfg: dict[str, Any], keys: list[str], what: str) -> None:

@@ -26,7 +26,8 @@ from .formats import canonical
 from .formats import layout as layouts
 from .formats.errors import CheckpointError
 from .schema import is_expert_weight
-from .formats.safetensors_io import check_destination, check_finite
+from .formats.fileio.partials import check_destination
+from .formats.safetensors_io import check_finite
 
 MEGATRON_OPTIONS = ("tp", "ep", "pp", "pad_vocab")
 

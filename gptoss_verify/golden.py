@@ -13,16 +13,16 @@ import dataclasses
 import hashlib
 import json
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import judge, metrics
 from .backends import block_functions
 from .config import TINY_VARIANTS, ModelSpec
 from .dtypes import DTYPES
+from .formats.fileio.partials import open_output, scratch_directory, write_file
 from .model import Transformer
 from .dtypes import dtype_name
 from .trace import Trace
@@ -131,20 +131,20 @@ def _regenerate(out_dir: Path, cases: list[GoldenCase], transformers_version: st
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"transformers": transformers_version, "torch": torch.__version__.split("+")[0],
                 "python": platform.python_version(), "cases": {}}
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    with scratch_directory(out_dir, "golden") as tmp:  # owned: a killed run's is swept by the next
         for case in cases:
             logits, trace = _oracle_outputs(case)
             names, table = summaries(trace)
             path = Path(tmp) / f"{case.name}.safetensors"
-            save_file({"input_ids": case.tokens(), "logits": logits.float().contiguous(), "summaries": table},
-                      str(path), metadata={"points": json.dumps(names)})
+            data = save({"input_ids": case.tokens(), "logits": logits.float().contiguous(), "summaries": table},
+                        metadata={"points": json.dumps(names)})
+            with open_output(path) as f:  # our own write call: its errors name the file
+                f.write(data)
             manifest["cases"][case.name] = {**dataclasses.asdict(case), "file": path.name, "sha256": _sha256(path)}
             print(f"golden {case.name}", flush=True)
         for case in cases:
             (Path(tmp) / f"{case.name}.safetensors").replace(out_dir / f"{case.name}.safetensors")
-    tmp_manifest = out_dir / "manifest.json.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    tmp_manifest.replace(out_dir / "manifest.json")
+    write_file(out_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return out_dir
 
 

@@ -12,6 +12,7 @@ from tabulate import tabulate
 
 from . import __version__
 from .dtypes import dtype_name
+from .formats.fileio.partials import write_file
 from .tolerances import as_markdown_rows, tolerance
 
 TRUTH_RULE = (
@@ -54,11 +55,8 @@ def table(rows, headers, floatfmt=".3g") -> str:
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """A whole text file, atomically, through an owned partial (formats/fileio/partials.py)."""
+    write_file(path, text)
 
 
 def _fmt(x: float) -> str:

@@ -8,6 +8,8 @@ checkpoints (MXFP4 or OpenAI) and Megatron hold them [E, out, in].
 """
 from __future__ import annotations
 
+import math
+
 from .config import ModelSpec
 from .formats.errors import CheckpointError
 
@@ -75,6 +77,13 @@ def outer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """The shapes of the tensors outside the layers (FIRST_TENSORS, LAST_TENSORS)."""
     return {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size),
             "model.norm.weight": (spec.hidden_size,), "lm_head.weight": (spec.vocab_size, spec.hidden_size)}
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    """The model's parameters, from the shapes in closed form (no loop over layers): what readers
+    bound a config read from a file by (formats/plausible.py)."""
+    per_layer = sum(math.prod(s) for s in layer_shapes(spec).values())
+    return spec.num_layers * per_layer + sum(math.prod(s) for s in outer_shapes(spec).values())
 
 
 def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

@@ -20,8 +20,10 @@ from ..config import ConfigError, ModelSpec
 from . import canonical
 from .canonical import Stream, TensorTable
 from .errors import CheckpointError
+from .fileio.partials import atomic_directory
+from .plausible import check_fits
 from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, PlannedWriter, SafetensorsDir, TensorInfo,
-                             atomic_directory, hf_shard_name, plan_shards, write_json)
+                             hf_shard_name, plan_shards, write_json)
 
 NAME = "hf"
 CONFIG = "config.json"
@@ -48,7 +50,7 @@ def _config_dict(path: Path) -> dict | None:
 def read_spec(path: str | Path) -> ModelSpec:
     path = Path(path)
     try:
-        return ModelSpec.from_hf_config(path / CONFIG, name=path.name)
+        return check_fits(ModelSpec.from_hf_config(path / CONFIG, name=path.name), path, path / CONFIG, recursive=False)
     except ConfigError as err:
         raise CheckpointError(f"{path / CONFIG}: {err}") from None
 

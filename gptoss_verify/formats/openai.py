@@ -23,8 +23,10 @@ from . import canonical
 from .canonical import Stream, TensorTable
 from ..schema import is_expert_weight
 from .errors import CheckpointError
+from .fileio.partials import atomic_directory
+from .plausible import check_fits
 from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, PlannedWriter, SafetensorsDir, TensorInfo,
-                             atomic_directory, dtype_code, plan_shards, write_json)
+                             dtype_code, plan_shards, write_json)
 
 NAME = "openai"
 CONFIG = "config.json"
@@ -72,7 +74,8 @@ def detect(path: str | Path) -> bool:
 def read_spec(path: str | Path) -> ModelSpec:
     path = Path(path)
     try:
-        return ModelSpec.from_openai_config(path / CONFIG, name=path.name)
+        return check_fits(ModelSpec.from_openai_config(path / CONFIG, name=path.name), path, path / CONFIG,
+                          recursive=False)
     except ConfigError as err:
         raise CheckpointError(f"{path / CONFIG}: {err}") from None
 

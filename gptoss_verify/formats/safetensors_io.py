@@ -10,25 +10,23 @@ projection) keeps every page touched since resident, and a 4 GB shard costs 4 GB
 Writes: a layout knows every name, shape and dtype it will write before the first tensor arrives
 (from the config), so each shard's header is written first with fixed offsets and each incoming
 tensor is written straight to its place. Nothing is buffered, the input order does not matter,
-and a tensor that does not match the plan is refused by name. Output goes to a temporary
-directory beside the destination, renamed into place only when complete (`atomic_directory`).
+and a tensor that does not match the plan is refused by name. Output goes to an owned partial
+directory beside the destination, renamed into place only when complete (`atomic_directory`,
+fileio/partials.py).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
+from .fileio.partials import open_output
 from .tensor_ops import contiguous
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -146,6 +144,9 @@ class SafetensorsDir:
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict):
                 raise ValueError("weight_map is not an object")
+            bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or "/" in v or v.startswith(".")), None)
+            if bad is not None:
+                raise ValueError(f"weight_map places tensor {bad} in {weight_map[bad]!r}, not a file name beside the index")
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{self.index_path}: corrupt index ({err!r})") from None
         headers: dict[str, dict[str, TensorInfo]] = {}
@@ -166,10 +167,11 @@ class SafetensorsDir:
                 if weight_map.get(name) != file_name:
                     raise CheckpointError(f"{self.directory / file_name}: holds tensor {name}, which the "
                                           f"index does not place in this file")
-        total = index.get("metadata", {}).get("total_size")
+        meta = index.get("metadata")
+        total = meta.get("total_size") if isinstance(meta, dict) else None
         actual = sum(t.nbytes for t in self.tensors.values())
-        if total is not None and int(total) != actual:
-            raise CheckpointError(f"{self.index_path}: metadata.total_size is {total}, the tensors hold {actual} bytes")
+        if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total != actual):
+            raise CheckpointError(f"{self.index_path}: metadata.total_size is {total!r}, the tensors hold {actual} bytes")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -293,7 +295,7 @@ class PlannedWriter:
             start = 8 + len(raw)
             for (name, shape, dtype), rel in zip(entries, offsets):
                 self.slots[name] = (file_no, start + rel, tuple(shape), dtype)
-            f = open(self.directory / file_name, "wb")
+            f = open_output(self.directory / file_name, "wb")
             self.files.append(f)
             f.write(struct.pack("<Q", len(raw)) + raw)
             f.truncate(start + offset)
@@ -328,42 +330,19 @@ class PlannedWriter:
             total = sum(math.prod(s) * d.itemsize for _, entries in self.plan for _, s, d in entries)
             weight_map = {name: file_name for file_name, entries in self.plan for name, _, _ in entries}
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            write_json(self.directory / INDEX_NAME, index)
 
     def close(self) -> None:
         for f in self.files:
             f.close()
 
 
-# ---- atomic destinations -------------------------------------------------------------------------
-def check_destination(dst: str | Path) -> Path:
-    """A destination must not exist, or be an empty directory."""
-    dst = Path(dst)
-    if dst.exists() or dst.is_symlink():
-        if not dst.is_dir():
-            raise CheckpointError(f"{dst}: destination exists and is not a directory")
-        if any(dst.iterdir()):
-            raise CheckpointError(f"{dst}: destination exists and is not empty")
-    return dst
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `dst`; on success rename it to `dst`, on any error remove
-    it, so `dst` is either complete or absent (an empty `dst` given by the user is kept empty)."""
-    dst = check_destination(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        if dst.exists():
-            dst.rmdir()
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    """A JSON file inside a partial output (its write errors name the file)."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file inside a partial output (its write errors name the file)."""
+    with open_output(path, "w") as f:
+        f.write(text)

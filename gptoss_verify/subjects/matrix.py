@@ -272,5 +272,6 @@ def matrix(names: list[str], case: Case, out_dir: str | Path | None = None, with
     if out_dir is not None:
         out = Path(out_dir)
         write(data, out / "matrix.md")
-        (out / "matrix.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+        from ..report import write_atomic
+        write_atomic(out / "matrix.json", json.dumps(data, indent=1, default=str) + "\n")
     return data

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gptoss_verify.formats.errors import CheckpointError
-from gptoss_verify.formats.safetensors_io import (PlannedWriter, SafetensorsDir, atomic_directory,
+from gptoss_verify.formats.fileio.partials import atomic_directory
+from gptoss_verify.formats.safetensors_io import (PlannedWriter, SafetensorsDir,
                                                   hf_shard_name, plan_shards, read_header)
 
 

@@ -75,3 +75,45 @@ def test_nonzero_padding_detected(tiny_weights, tmp_path):
     (it / "metadata.json").write_text(json.dumps(megatron_dist.MEGATRON_METADATA))
     with pytest.raises(CheckpointError, match="output_layer.weight: vocabulary padding row 500"):
         dict(megatron_dist.read(tmp_path / "d")[1])
+
+
+def _evil_metadata(marker) -> bytes:
+    """A pickle that would run `os.system("touch MARKER")` if loaded with plain pickle.load."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return os.system, (f"touch {marker}",)
+    return pickle.dumps(Evil())
+
+
+def test_a_metadata_pickle_naming_a_forbidden_global_is_refused_not_run(tiny_weights, tmp_path):
+    """`.metadata` is a pickle; torch's own reader unpickles it without restriction. Ours refuses any
+    global outside the metadata classes, in one error naming the file and the global."""
+    spec, w = tiny_weights
+    megatron_dist.write(iter(w.items()), spec, tmp_path / "d")
+    md = tmp_path / "d" / "iter_0000000" / ".metadata"
+    marker = tmp_path / "ran"
+    md.write_bytes(_evil_metadata(marker))
+    for call in (megatron_dist.read, megatron_dist.list_tensors):
+        with pytest.raises(CheckpointError) as info:
+            call(tmp_path / "d")
+        assert str(md) in str(info.value) and "system is not allowed" in str(info.value), str(info.value)
+    assert not marker.exists()
+
+
+def test_a_metadata_written_by_torchs_own_writer_is_read(tiny_weights, tmp_path):
+    """The allow-list covers what torch's FileSystemWriter stores (StorageMeta with the path and save
+    id included), so checkpoints that other programs wrote with torch load; and ours leaves the
+    StorageMeta out, so two writes are byte-identical."""
+    from gptoss_verify.formats.megatron.dist_metadata import load_metadata
+    spec, w = tiny_weights
+    megatron_dist.write(iter(w.items()), spec, tmp_path / "a")
+    megatron_dist.write(iter(w.items()), spec, tmp_path / "b")
+    a, b = (tmp_path / x / "iter_0000000" / ".metadata" for x in "ab")
+    assert a.read_bytes() == b.read_bytes()
+    state = {"x": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_path / "plain")), no_dist=True)
+    md = load_metadata(tmp_path / "plain" / ".metadata")
+    assert md.storage_meta.save_id and list(md.state_dict_metadata["x"].size) == [2, 3]

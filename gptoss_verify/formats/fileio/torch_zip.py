@@ -32,6 +32,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .partials import open_output
+
 ALIGNMENT = 64
 #: Sizes and offsets at or above this use ZIP64 fields (miniz's MZ_UINT32_MAX test); tests lower it.
 ZIP64_LIMIT = 0xFFFFFFFF
@@ -81,7 +83,7 @@ class TorchZipWriter:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.prefix = (archive if archive is not None else archive_name(self.path)) + "/"
-        self._f = open(self.partial, "wb", buffering=0)
+        self._f = open_output(self.partial, "wb", buffering=0)
         self.pos = 0
         self._central: list[bytes] = []
         self._names: list[str] = []

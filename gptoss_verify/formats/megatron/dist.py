@@ -33,8 +33,10 @@ from ...config import ModelSpec
 from ..canonical import Stream, TensorTable
 from ..errors import CheckpointError
 from ..tensor_ops import contiguous
-from ..safetensors_io import atomic_directory, write_json
+from ..fileio.partials import atomic_directory
+from ..safetensors_io import write_json, write_text
 from . import mapping
+from .dist_metadata import ReproducibleWriter, SafeMetadataReader, failure_text
 from .files import ITERATION, SIDECAR, TRACKER, Layout, Listed, find_iter_dir, read_sidecar, read_spec_beside, sidecar
 from .mapping import EXPERT, FIRST, LAST, LAYER, ROWS, Row, Shard
 from .source import Source, open_source
@@ -73,7 +75,7 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
     lay.check(spec)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        src = open_source(stream, out_dir.parent)
+        src = open_source(stream, tmp)  # a spool lives inside the owned partial
         try:
             vp = lay.vocab(spec)
             dtype = src.dtype
@@ -102,11 +104,11 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
         iter_dir.mkdir()
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(iter_dir), single_file_per_rank=True,
-                                                                 thread_count=1), no_dist=True)
+            dcp.save(state, storage_writer=ReproducibleWriter(str(iter_dir), single_file_per_rank=True, thread_count=1),
+                     no_dist=True)
         del state
         write_json(iter_dir / "metadata.json", MEGATRON_METADATA)
-        (tmp / TRACKER).write_text(f"{ITERATION}\n")
+        write_text(tmp / TRACKER, f"{ITERATION}\n")
         write_json(tmp / SIDECAR, sidecar("megatron-torch_dist", spec, lay, dtype))
 
 
@@ -116,9 +118,10 @@ def _holds_dist(d: Path) -> bool:
     if not (d / ".metadata").is_file() or not md.is_file():
         return False
     try:
-        return json.loads(md.read_text()).get("sharded_backend") == "torch_dist"
-    except ValueError:
+        data = json.loads(md.read_text())
+    except (ValueError, OSError):  # not JSON (a UnicodeDecodeError is a ValueError)
         return False
+    return isinstance(data, dict) and data.get("sharded_backend") == "torch_dist"
 
 
 def detect(path: str | Path) -> bool:
@@ -141,11 +144,8 @@ def _open(path: str | Path):
                               "sharded_backend torch_dist) found")
     meta = read_sidecar(root, iter_dir) or {}
     spec = read_spec_beside(root, iter_dir, meta, "torch_dist checkpoint")
-    reader = dcp.FileSystemReader(str(iter_dir))
-    try:
-        md = reader.read_metadata()
-    except Exception as err:  # torch raises several types for a corrupt .metadata
-        raise CheckpointError(f"{iter_dir / '.metadata'}: cannot read ({err})") from None
+    reader = SafeMetadataReader(str(iter_dir))
+    md = reader.read_metadata()  # one CheckpointError naming the file if corrupt or hostile
     return root, spec, iter_dir, reader, md, meta
 
 
@@ -195,12 +195,12 @@ def _load_region(iter_dir: Path, key: str, item: TensorStorageMetadata, offsets,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({key: dest}, storage_reader=dcp.FileSystemReader(str(iter_dir)),
+            dcp.load({key: dest}, storage_reader=SafeMetadataReader(str(iter_dir)),
                      planner=_RegionPlanner({key: (tuple(offsets), tuple(sizes))}), no_dist=True)
-    except CheckpointError:
+    except (CheckpointError, KeyboardInterrupt):
         raise
-    except Exception as err:
-        raise CheckpointError(f"{iter_dir}: cannot read tensor {key} ({str(err).splitlines()[0] if str(err) else err!r})") from None
+    except BaseException as err:  # dcp wraps a failure in CheckpointException, a BaseException
+        raise CheckpointError(f"{iter_dir}: cannot read tensor {key} ({failure_text(err)})") from None
     return dest
 
 

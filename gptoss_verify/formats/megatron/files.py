@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from ...config import ConfigError, ModelSpec
 from ...dtypes import dtype_name
 from ..errors import CheckpointError
+from ..plausible import check_fits
 from .mapping import padded_vocab_size
 
 SIDECAR = "gptoss_verify_megatron.json"
@@ -91,10 +93,12 @@ def find_iter_dir(root: Path, holds: Callable[[Path], bool]) -> Path | None:
         return root
     tracker = root / TRACKER
     if tracker.is_file():
-        value = tracker.read_text().strip()
+        value = tracker.read_bytes().decode("utf-8", "replace").strip()
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value) or value in (".", ".."):
+            raise CheckpointError(f"{tracker}: expected an iteration number or 'release', got {value[:64]!r}")
         cand = root / ("release" if value == "release" else f"iter_{int(value):07d}" if value.isdigit() else value)
         if not cand.is_dir():
-            raise CheckpointError(f"{tracker}: names iteration {value!r}, but {cand} does not exist")
+            raise CheckpointError(f"{tracker}: names iteration {value!r}, but {str(cand)!r} does not exist")
         if holds(cand):
             return cand
     iters = sorted(c for c in root.iterdir() if c.is_dir() and (c.name.startswith("iter_") or c.name == "release"))
@@ -108,23 +112,39 @@ def read_sidecar(root: Path, iter_dir: Path) -> dict | None:
     for cand in (root / SIDECAR, iter_dir / SIDECAR, iter_dir.parent / SIDECAR):
         if cand.is_file():
             try:
-                return json.loads(cand.read_text())
-            except ValueError as err:
+                meta = json.loads(cand.read_text())
+            except ValueError as err:  # UnicodeDecodeError included
                 raise CheckpointError(f"{cand}: not valid JSON ({err})") from None
+            check_sidecar(cand, meta)
+            return meta
     return None
+
+
+def check_sidecar(path: Path, meta) -> None:
+    """The sidecar's fields have the types the readers use (its `spec` is ModelSpec's to check)."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key in ("tp", "ep", "pp", "etp", "vocab_size", "padded_vocab_size"):
+        value = meta.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"{path}: {key}: expected a positive integer, got {value!r}")
+    if not isinstance(meta.get("pad_vocab", False), bool):
+        raise CheckpointError(f"{path}: pad_vocab: expected true or false, got {meta['pad_vocab']!r}")
+    if not isinstance(meta.get("spec", {}), dict):
+        raise CheckpointError(f"{path}: spec: expected an object, got {meta['spec']!r}")
 
 
 def read_spec_beside(root: Path, iter_dir: Path, meta: dict | None, what: str) -> ModelSpec:
     """The model spec: from our sidecar, else from an HF config.json beside the checkpoint."""
     if meta is not None and "spec" in meta:
         try:
-            return ModelSpec.from_json(meta["spec"])
+            return check_fits(ModelSpec.from_json(meta["spec"]), root, root / SIDECAR)
         except (ConfigError, TypeError) as err:
             raise CheckpointError(f"{root / SIDECAR}: spec: {err}") from None
     for cand in (root / "config.json", iter_dir / "config.json"):
         if cand.is_file():
             try:
-                return ModelSpec.from_hf_config(cand, name=root.name)
+                return check_fits(ModelSpec.from_hf_config(cand, name=root.name), root, cand)
             except ConfigError as err:
                 raise CheckpointError(f"{cand}: {err}") from None
     raise CheckpointError(f"{root}: no {SIDECAR} and no HF config.json beside the {what}: "

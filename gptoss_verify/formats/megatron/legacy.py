@@ -35,7 +35,8 @@ from ..errors import CheckpointError
 from ..fileio.fanout_writer import FanOutWriter
 from ..fileio.readahead import ReadAhead
 from ..fileio.torch_save_file import StoredTensor, StreamingTorchFile, index
-from ..safetensors_io import atomic_directory, write_json
+from ..fileio.partials import atomic_directory
+from ..safetensors_io import write_json, write_text
 from . import mapping
 from .files import ITERATION, SIDECAR, TRACKER, Layout, Listed, find_iter_dir, read_sidecar, read_spec_beside, sidecar
 from .mapping import EXPERT, FIRST, LAST, LAYER, ROW, ROWS, Row, Shard
@@ -117,10 +118,10 @@ def expected_tensors(spec: ModelSpec, tp: int = 1, ep: int = 1, pp: int = 1, pad
 def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor] | Source, spec: ModelSpec,
           out_dir: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, pad_vocab: bool = False,
           progress: bool = False, **_ignored) -> None:
-    """Write the legacy per-rank layout atomically (temp dir beside `out_dir`, renamed at the end).
+    """Write the legacy per-rank layout atomically (an owned partial beside `out_dir`, renamed at the end).
 
     The source is either the canonical stream (dense or MXFP4 experts; a one-shot iterator is
-    spooled to a scratch file beside `out_dir` as it arrives, so memory stays at one slice), or a
+    spooled to a scratch file inside the partial output as it arrives, so memory stays at one slice), or a
     `Mapping` name -> tensor that is sliced directly (an in-memory dict, or a lazy mapping that
     loads one tensor per `__getitem__`; MXFP4 pairs in it are decoded expert by expert). Float
     tensors keep the source's float dtype; MXFP4 experts are decoded exactly to it (bf16 normally).
@@ -130,7 +131,7 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         bar = tqdm(desc=f"read {out_dir.name}", unit="tensor", disable=None if progress else True, leave=False)
-        src = open_source(stream, out_dir.parent, bar)
+        src = open_source(stream, tmp, bar)  # a spool lives inside the owned partial
         bar.close()
         try:
             _check_source(src, spec)
@@ -139,7 +140,7 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
             _write_rank_files(src, spec, lay, iter_dir, dtype, progress and f"write megatron {out_dir.name}")
         finally:
             src.close()
-        (tmp / TRACKER).write_text(f"{ITERATION}\n")
+        write_text(tmp / TRACKER, f"{ITERATION}\n")
         write_json(tmp / SIDECAR, sidecar("megatron-legacy", spec, lay, dtype)
                    | {"checkpoint_version": CHECKPOINT_VERSION, "expert_layout": "TEGroupedMLP"})
 

@@ -25,6 +25,7 @@ import torch
 from ...schema import is_expert_weight
 from .. import mxfp4
 from ..errors import CheckpointError
+from ..fileio.partials import open_output
 from ..fileio.readahead import ReadAhead
 from ..tensor_ops import contiguous, transpose_copy
 
@@ -112,7 +113,7 @@ class SpoolSource(Source):
         self.dtype = None
         offset = 0
         try:
-            with open(self.path, "wb") as f:
+            with open_output(self.path, "wb") as f:
                 for name, tensor in stream:
                     if name in self.index:
                         raise CheckpointError(f"source: tensor {name} appears twice")

@@ -81,7 +81,8 @@ def parity_markdown(results: list, device: str = "cpu") -> str:
     env = environment(device)
     env.update({"seed": str(case0.seed), "batch x seq": f"{case0.batch} x {case0.seq}",
                 "position offset": str(case0.offset), "backend": case0.backend,
-                "weights": case0.weights_source,
+                "weights": case0.weights_source
+                + ("; streamed one decoder layer at a time" if getattr(case0, "stream_layers", False) else ""),
                 "injected faults": ", ".join(case0.faults) or "none"})
     lines += ["## Environment", "", table(list(env.items()), ["", ""]), ""]
     lines += ["## Config", "", table([(k, v) for k, v in dataclasses.asdict(spec).items()], ["field", "value"]), ""]

@@ -113,16 +113,24 @@ def _overflow_bias(key: str, shape: tuple[int, ...], spec: ModelSpec, gen: torch
 
 
 def iter_random_weights(spec: ModelSpec, seed: int = 0, profile: str = "typical",
-                        dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
-                        ) -> Iterator[tuple[str, torch.Tensor]]:
+                        dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                        names=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) one at a time, so a full-size checkpoint never sits in memory whole.
     Each tensor has its own generator seeded from (seed, name): the stream is reproducible in any
     order and any subset (e.g. `--layers N` on a big preset gives the first N layers of the full
     model). Tensors are drawn on `device` (a GPU draws full-width weights in seconds); CPU and CUDA
-    generators give different, each reproducible, values."""
+    generators give different, each reproducible, values. `names` (an iterable of canonical names)
+    draws only those, in checkpoint order, with the values they have in the whole model."""
     if profile not in PROFILES:
         raise ValueError(f"profile: expected one of {PROFILES}, got {profile!r}")
-    for name, shape in canonical_shapes(spec).items():
+    shapes = canonical_shapes(spec)
+    if names is not None:
+        wanted = set(names)
+        unknown = wanted - shapes.keys()
+        if unknown:
+            raise KeyError(f"no canonical tensor named {sorted(unknown)[0]!r} in {spec.name}")
+        shapes = {n: s for n, s in shapes.items() if n in wanted}
+    for name, shape in shapes.items():
         gen = torch.Generator(device=device).manual_seed(_tensor_seed(seed, name))
         yield name, _draw(name, shape, spec, profile, gen).to(torch.bfloat16).to(dtype)
 

@@ -1,14 +1,19 @@
 """Attention benchmark: our fused kernel next to its peers, in one run, one table.
 
-Peers: FlexAttention with an LSE sink correction (out · σ(lse − sink)), SDPA flash without sinks
+Peers: FlashAttention-4 (CuTe DSL, SM90 path, learnable sinks, GQA native; where `flash_attn.cute`
+imports: it travels to the device through `../shared/tools/prepare_fa4_carry.sh`, else its row says
+why), FlexAttention with an LSE sink correction (out · σ(lse − sink)), SDPA flash without sinks
 (a ceiling: it does less work and cannot express the window), and transformers-style eager
 attention (matmul, mask, sink column, max subtraction, softmax, matmul). bf16, batch 1 unless
-stated, 64 query / 8 kv heads, head_dim 64. Prints a markdown table; `--out PATH` also writes it.
+stated, 64 query / 8 kv heads, head_dim 64. FA4's rows also give ‖FA4 − ours‖ / ‖ours‖ of the
+forward output (reported, not judged). Prints a markdown table; `--out PATH` also writes it, after
+every case, so a cut-off run leaves the rows measured so far.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import torch
 import torch.nn.functional as F
 import triton
@@ -64,6 +69,21 @@ def make_flex(seq_q, seq_k, window, q_start):
     return run
 
 
+def make_fa4(window):
+    """FlashAttention-4's forward (and backward) with learnable sinks, or the reason it cannot run.
+    Its causal mask aligns the last query with the last key, as our decode does (q_start = sk − 1)."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as err:  # noqa: BLE001 - an absent peer is a row saying why
+        return f"absent: flash_attn.cute does not import ({type(err).__name__}: {err})"[:180]
+
+    def run(q, k, v, sinks):
+        out = flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0) if window else (None, None),
+                              learnable_sink=sinks.float())
+        return out[0] if isinstance(out, tuple) else out
+    return run
+
+
 def sdpa(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -115,6 +135,10 @@ def main() -> None:
     if args.quick:
         cases = cases[:1] + cases[3:4] + cases[5:6]
     copy_bw = copy_bandwidth()
+    head = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {torch.cuda.get_device_name()}, "
+            f"torch {torch.__version__}, triton {triton.__version__}; bf16, {HQ} q / {HKV} kv heads, head_dim {D}; "
+            f"copy bandwidth measured in this run {copy_bw / 1e12:.2f} TB/s (read + written); backward TFLOP/s "
+            f"count 3.5x the forward's FLOPs over fwd+bwd")
     rows = []
     for label, b, sq, sk, window, q_start in cases:
         q = torch.randn(b, sq, HQ, D, device="cuda", dtype=torch.bfloat16)
@@ -126,6 +150,7 @@ def main() -> None:
         ours = lambda q, k, v, s: fused_attention(q, k, v, s, window=window, q_start=q_start)  # noqa: E731
         peers = {
             "ours (Triton)": ours,
+            "FlashAttention-4 (CuTe DSL)": make_fa4(window),
             "ours (Triton), CUDA graph": ours if sq == 1 else None,
             "flex + LSE sink": make_flex(sq, sk, window, q_start),
             "SDPA flash, no sinks" + (", no window" if window else ""):
@@ -137,32 +162,45 @@ def main() -> None:
             for backward in (False, True):
                 if fn is None and "CUDA graph" in name:
                     continue
-                if fn is None:
-                    rows.append((label, name, "fwd+bwd" if backward else "fwd", "skipped (too large or n/a)", "", ""))
+                if fn is None or isinstance(fn, str):
+                    if not (backward and sq == 1):
+                        rows.append((label, name, "fwd+bwd" if backward else "fwd",
+                                     fn or "skipped (too large or n/a)", "", "", ""))
                     continue
                 if backward and sq == 1:
                     continue
                 try:
                     ms = bench(fn, backward, (q, k, v, sinks), graph="CUDA graph" in name)
                 except Exception as err:  # noqa: BLE001 - a peer that cannot run at a size is reported
-                    rows.append((label, name, "fwd+bwd" if backward else "fwd", f"failed: {type(err).__name__}", "", ""))
+                    rows.append((label, name, "fwd+bwd" if backward else "fwd",
+                                 f"failed: {type(err).__name__}: {err}"[:160], "", "", ""))
                     torch.cuda.empty_cache()
                     continue
                 work = flops * (3.5 if backward else 1.0)
                 bw = f"{kv_bytes / (ms * 1e-3) / copy_bw:.0%} of copy" if sq == 1 else ""
+                vs_ours = ""
+                if name.startswith("FlashAttention-4") and not backward:
+                    with torch.no_grad():
+                        mine = ours(q, k, v, sinks).float()
+                        vs_ours = f"{((fn(q, k, v, sinks).float() - mine).norm() / mine.norm()).item():.1e}"
                 rows.append((label, name, "fwd+bwd" if backward else "fwd", f"{ms:.3f}",
-                             f"{work / (ms * 1e-3) / 1e12:.0f}", bw))
+                             f"{work / (ms * 1e-3) / 1e12:.0f}", bw, vs_ours))
+                print(rows[-1], flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    head = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {torch.cuda.get_device_name()}, "
-            f"torch {torch.__version__}, triton {triton.__version__}; bf16, {HQ} q / {HKV} kv heads, head_dim {D}; "
-            f"copy bandwidth measured in this run {copy_bw / 1e12:.2f} TB/s (read + written)")
-    text = head + "\n\n" + tabulate(rows, headers=["case", "implementation", "pass", "ms", "TFLOP/s", "decode BW"],
-                                    tablefmt="github")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_table(args.out, head, rows)
+    print(write_table(args.out, head, rows))
+
+
+def write_table(path, head, rows) -> str:
+    """The table so far, written atomically (temp name, then rename) when a path is given."""
+    text = head + "\n\n" + tabulate(rows, headers=["case", "implementation", "pass", "ms", "TFLOP/s", "decode BW",
+                                                    "FA4 vs ours"], tablefmt="github") + "\n"
+    if path:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return text
 
 
 if __name__ == "__main__":

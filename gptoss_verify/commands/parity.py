@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["reference", "fused"], default="reference")
     p.add_argument("--inject", metavar="FAULT", action="append", default=[], choices=sorted(FAULTS),
                    help="switch on a bug-zoo fault in our model (repeatable)")
+    p.add_argument("--stream-layers", action="store_true",
+                   help="hold one decoder layer's weights on the device at a time, drawn on entry and freed on "
+                        "exit, for ours, the oracle and the float64 truth (gpt-oss-120b on one GPU)")
     options.add_report(p, default=DEFAULT_REPORT)
     options.add_json(p)
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     for profile in profiles:
         for dtype in dtypes:
             case = ParityCase(spec, dtype, profile if state is None else "typical", args.seed, args.batch, seq,
-                              args.offset, args.device, args.backend, tuple(args.inject), source)
+                              args.offset, args.device, args.backend, tuple(args.inject), source, args.stream_layers)
             result = run_case(case, state)
             if state is not None:
                 result.case.profile = "checkpoint"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+
 import torch
 
 from .. import metrics
@@ -51,25 +53,36 @@ class PointResult:
         return split_name(self.name)[1]
 
 
-class Float64Shadow:
-    """Our model's layers re-run in float64 on demand, one layer's weights widened at a time."""
+LayerParams = Callable[[int], dict[str, torch.Tensor]]
 
-    def __init__(self, model: Transformer):
+
+def model_layer_params(model: Transformer) -> LayerParams:
+    """Layer i's parameters as the model holds them, named as inside the layer module."""
+    return lambda i: {n: p.detach() for n, p in model.model.layers[i].named_parameters()}
+
+
+class Float64Shadow:
+    """Our model's layers re-run in float64 on demand, one layer's weights widened at a time.
+    `layer_params` gives a layer's narrow parameters (default: the model's own; streamed runs pass
+    `LayerWeights.params`)."""
+
+    def __init__(self, model: Transformer, layer_params: LayerParams | None = None):
         self.model = model
         self.spec = model.spec
+        self.layer_params = layer_params or model_layer_params(model)
 
-    def _params(self, prefix: str) -> dict[str, torch.Tensor]:
+    def _params(self, layer: int) -> dict[str, torch.Tensor]:
         """The layer's parameters in float64, except the experts: those stay narrow and are widened
         one expert at a time as they are used (`model.moe.experts`), so no float64 copy of a
         full-width layer's experts is ever made."""
-        return {n[len(prefix):]: p.detach() if ".experts." in n else p.detach().to(torch.float64)
-                for n, p in self.model.named_parameters() if n.startswith(prefix)}
+        return {n: p if n.startswith("mlp.experts.") else p.to(torch.float64)
+                for n, p in self.layer_params(layer).items()}
 
     def layer_forward(self, layer: int, x: torch.Tensor, start_pos: int, trace: Trace | None,
                       mlp_input: torch.Tensor | None = None) -> torch.Tensor:
         with torch.device("meta"):
             block = DecoderLayer(self.spec, layer)
-        block.load_state_dict(self._params(f"model.layers.{layer}."), strict=True, assign=True)
+        block.load_state_dict(self._params(layer), strict=True, assign=True)
         from ..model.rope import cos_sin
         cos, sin = cos_sin(self.spec, torch.arange(start_pos, start_pos + x.shape[1], device=x.device),
                            torch.float64, self.model.angle_dtype)
@@ -214,19 +227,20 @@ def first_divergence(rows: list[PointResult], num_layers: int) -> PointResult | 
     return failed[0] if failed else None
 
 
-def clamp_active_share(model: Transformer, trace: Trace) -> float:
+def clamp_active_share(model: Transformer, trace: Trace, layer_params: LayerParams | None = None) -> float:
     """Share of the chosen experts' SwiGLU elements on which a clamp acts (gate > limit or
     |up| > limit), measured on the trace's normed MLP inputs."""
     limit = model.spec.swiglu_limit
+    layer_params = layer_params or model_layer_params(model)
     active = total = 0
-    for i, layer in enumerate(model.model.layers):
-        device = layer.mlp.experts.gate_up_proj.device
-        h = trace[layer_name(i, "mlp_norm")].reshape(-1, model.spec.hidden_size).to(device)
-        idx = trace[layer_name(i, "topk_idx")].reshape(h.shape[0], -1).to(device)
-        x = layer.mlp.experts
+    for i in range(model.spec.num_layers):
+        params = layer_params(i)
+        gate_up, bias = params["mlp.experts.gate_up_proj"], params["mlp.experts.gate_up_proj_bias"]
+        h = trace[layer_name(i, "mlp_norm")].reshape(-1, model.spec.hidden_size).to(gate_up.device)
+        idx = trace[layer_name(i, "topk_idx")].reshape(h.shape[0], -1).to(gate_up.device)
         for e in torch.unique(idx).tolist():
             tok = torch.where(idx == e)[0]
-            gu = h[tok].double() @ x.gate_up_proj[e].double() + x.gate_up_proj_bias[e].double()
+            gu = h[tok].double() @ gate_up[e].double() + bias[e].double()
             gate, up = gu[..., 0::2], gu[..., 1::2]
             active += int((gate > limit).sum() + (up.abs() > limit).sum())
             total += gu.numel()

@@ -12,6 +12,7 @@ from ..config import ModelSpec
 from ..model import Transformer
 from ..trace import Trace
 from ..weights import random_weights
+from . import streaming
 from .compare import (FREE, TEACHER, Float64Shadow, FreeRunning, PointResult, clamp_active_share,
                       first_divergence, router_tie_count, teacher_forced)
 
@@ -29,6 +30,7 @@ class ParityCase:
     backend: str = "reference"
     faults: tuple[str, ...] = ()
     weights_source: str = "random"
+    stream_layers: bool = False  # one decoder layer's weights on the device at a time (streaming.py)
 
 
 @dataclasses.dataclass
@@ -67,13 +69,24 @@ def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> 
         start = now
 
     spec = case.spec
-    if state is None:
+    stream = None
+    if case.stream_layers:
+        load = (streaming.random_source(spec, case.seed, case.profile, case.dtype, case.device) if state is None
+                else streaming.state_source(state, case.dtype, case.device))
+        stream = streaming.LayerWeights(spec, load, case.device)
+        state = streaming.meta_layers(spec, load(list(streaming.RESIDENT)), case.dtype)
+    elif state is None:
         state = random_weights(spec, case.seed, case.profile, case.dtype, case.device)
     else:
         state = {n: t.to(device=case.device, dtype=case.dtype) if t.is_floating_point() else t
                  for n, t in state.items()}
     ours = Transformer.from_state_dict(spec, state, block_functions(case.backend, case.faults))
     oracle = HFOracle(spec, state)
+    layer_params = None
+    if stream is not None:
+        stream.attach(ours.model.layers)
+        stream.attach(oracle.model.model.layers)
+        layer_params = stream.params
     lap("weights and models")
     gen = torch.Generator().manual_seed(case.seed + 1)
     ids = torch.randint(0, spec.vocab_size, (case.batch, case.seq), generator=gen).to(case.device)
@@ -84,7 +97,7 @@ def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> 
         lap("oracle forward")
         ours(ids, case.offset, trace=ours_trace)
         lap("our forward")
-    shadow = Float64Shadow(ours) if case.dtype != torch.float64 else None
+    shadow = Float64Shadow(ours, layer_params) if case.dtype != torch.float64 else None
     rows, excluded = teacher_forced(ours, oracle_trace, case.offset, case.dtype, shadow)
     lap("teacher-forced comparison")
     free = FreeRunning(ours_trace, oracle_trace, case.dtype, case.device)
@@ -99,13 +112,16 @@ def run_case(case: ParityCase, state: dict[str, torch.Tensor] | None = None) -> 
                  if n.endswith("topk_idx")]
     result = ParityResult(
         case=case, rows=rows, first_divergence=first_divergence(rows, spec.num_layers),
-        clamp_share=clamp_active_share(ours, ours_trace),
+        clamp_share=clamp_active_share(ours, ours_trace, layer_params),
         router_ties=router_tie_count(oracle_trace, spec.num_layers, spec.experts_per_token, case.dtype),
         routing_agreement=min(idx_agree) if idx_agree else 1.0,
         argmax_agreement=free.argmax_agreement, kl_ours=free.mean_kl,
         tie_tokens_excluded=excluded, seconds=0.0, phases=phases)
     lap("summary statistics")
     result.seconds = sum(phases.values())
+    if stream is not None:
+        stream.release()
+        phases[f"of which drawing {stream.draws} layers"] = stream.seconds  # inside the phases above
     return result
 
 

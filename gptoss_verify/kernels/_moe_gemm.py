@@ -92,11 +92,16 @@ def _accumulate(acc, a, w_ptr, s_ptr, e, k0, offs_n, n_ok, K, stride_we, stride_
 
 
 @triton.jit
-def _swiglu_store(acc, bias_ptr, act_ptr, e, pid_m, pid_n, offs_m, row_ok, offs_n, n_ok, N, stride_be, stride_act,
-                  alpha, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Bias, then the clamped SwiGLU on the interleaved (gate, up) columns of acc; store the activation."""
+def _swiglu_store(acc, bias_ptr, act_ptr, pre_ptr, e, pid_m, pid_n, offs_m, row_ok, offs_n, n_ok, N, stride_be,
+                  stride_act, alpha, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SAVE_PRE: tl.constexpr):
+    """Bias, then the clamped SwiGLU on the interleaved (gate, up) columns of acc; store the activation
+    (and, under autograd, the pre-activation in the input dtype, for the backward's SwiGLU derivative)."""
     bias = tl.load(bias_ptr + e * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     acc = acc + bias[None, :]
+    if SAVE_PRE:
+        pre_rows = (pid_m * BLOCK_M + offs_m).to(tl.int64)
+        tl.store(pre_ptr + pre_rows[:, None] * N + offs_n[None, :], acc.to(pre_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
     gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N // 2, 2]))
     gate = tl.minimum(gate, limit)
     up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -115,12 +120,12 @@ def _store_partial(part_ptr, acc, slot, row_ok, offs_n, n_ok, N, stride_ps):
 
 
 @triton.jit(do_not_specialize=["num_m", "steps_per_split"])
-def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, part_ptr, sorted_slot_ptr, block_expert_ptr,
+def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, pre_ptr, part_ptr, sorted_slot_ptr, block_expert_ptr,
                    block_rows_ptr, N, K, num_m, steps_per_split, stride_h, stride_we, stride_wk, stride_wn, stride_se,
                    stride_sn, stride_be, stride_act, stride_ps, alpha, limit,
                    TOPK: tl.constexpr, MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                   SCALED: tl.constexpr, LHS_FORMAT: tl.constexpr, SPLIT_K: tl.constexpr):
+                   SCALED: tl.constexpr, LHS_FORMAT: tl.constexpr, SPLIT_K: tl.constexpr, SAVE_PRE: tl.constexpr):
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
     nrows = tl.load(block_rows_ptr + pid_m)
     if nrows == 0:
@@ -146,8 +151,8 @@ def gate_up_kernel(h_ptr, w_ptr, s_ptr, bias_ptr, act_ptr, part_ptr, sorted_slot
     if SPLIT_K > 1:
         _store_partial(part_ptr, acc, slot, row_ok, offs_n, n_ok, N, stride_ps)
     else:
-        _swiglu_store(acc, bias_ptr, act_ptr, e, pid_m, pid_n, offs_m, row_ok, offs_n, n_ok, N, stride_be,
-                      stride_act, alpha, limit, BLOCK_M, BLOCK_N)
+        _swiglu_store(acc, bias_ptr, act_ptr, pre_ptr, e, pid_m, pid_n, offs_m, row_ok, offs_n, n_ok, N, stride_be,
+                      stride_act, alpha, limit, BLOCK_M, BLOCK_N, SAVE_PRE)
 
 
 @triton.jit
@@ -161,8 +166,9 @@ def _k_range(K, steps_per_split, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def swiglu_kernel(part_ptr, bias_ptr, act_ptr, sorted_slot_ptr, block_expert_ptr, block_rows_ptr, N, splits,
-                  stride_ps, stride_be, stride_act, alpha, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def swiglu_kernel(part_ptr, bias_ptr, act_ptr, pre_ptr, sorted_slot_ptr, block_expert_ptr, block_rows_ptr, N, splits,
+                  stride_ps, stride_be, stride_act, alpha, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SAVE_PRE: tl.constexpr):
     """After a split-K GEMM 1: sum the partials of each row in split order, then bias and SwiGLU."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -180,8 +186,8 @@ def swiglu_kernel(part_ptr, bias_ptr, act_ptr, sorted_slot_ptr, block_expert_ptr
     for _ in range(0, splits):
         acc += tl.load(ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         ptrs += stride_ps
-    _swiglu_store(acc, bias_ptr, act_ptr, e, pid_m, pid_n, offs_m, row_ok, offs_n, n_ok, N, stride_be, stride_act,
-                  alpha, limit, BLOCK_M, BLOCK_N)
+    _swiglu_store(acc, bias_ptr, act_ptr, pre_ptr, e, pid_m, pid_n, offs_m, row_ok, offs_n, n_ok, N, stride_be,
+                  stride_act, alpha, limit, BLOCK_M, BLOCK_N, SAVE_PRE)
 
 
 @triton.jit(do_not_specialize=["num_m", "steps_per_split"])

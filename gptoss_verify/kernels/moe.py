@@ -8,8 +8,11 @@ combine (deterministic sum of each token's k slots). Accumulation is float32 thr
 routing is chosen on the float32 logits (lowest expert index wins an exact tie) and the returned
 logits are those rounded to the input dtype.
 
-Backward is not fused: under autograd the forward above runs, and the backward recomputes the
-reference `moe` (with the MXFP4 experts decoded) and differentiates that.
+Backward, fused too (`_moe_backward`): under autograd the forward keeps its routing, the activation
+and the gate/up pre-activation, and the backward runs the dact GEMM (with the clamped-SwiGLU
+derivative and the routing-weight gradient in its epilogue), the weight and bias gradients per
+expert, dX per slot, the router backward and a deterministic combine. MXFP4 experts are frozen
+(gradients of h, the router and the biases).
 """
 from __future__ import annotations
 
@@ -21,8 +24,7 @@ import warnings
 import torch
 import triton
 
-from ..model import moe as reference
-from . import _moe_gemm, _moe_routing
+from . import _moe_backward, _moe_gemm, _moe_routing
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _SCALED_FAILED: list[str] = []  # set once tl.dot_scaled fails to compile here
@@ -98,8 +100,9 @@ def _check_dense(h, rw, rb, gu, gub, dn, dnb, k):
     return t, hid, e
 
 
-def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter, mxfp4, config=None):
-    """The launch sequence shared by the dense and MXFP4 paths (weights already checked)."""
+def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter, mxfp4, config=None, save=None):
+    """The launch sequence shared by the dense and MXFP4 paths (weights already checked). With `save`
+    (a dict), the routing, the activation and the gate/up pre-activation are kept in it for `_backward`."""
     t, hid = h.shape
     e = rw.shape[0]
     dev, dtype = h.device, h.dtype
@@ -151,6 +154,7 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
 
     act = torch.empty(num_m * bm, inter, device=dev, dtype=dtype)
     n1 = 2 * inter
+    pre = torch.empty(num_m * bm, n1, device=dev, dtype=dtype) if save is not None else act
     if mxfp4:
         w1 = (gu_w.stride(0), 0, gu_w.stride(1), gu_s.stride(0), gu_s.stride(1))
         w2 = (dn_w.stride(0), 0, dn_w.stride(1), dn_s.stride(0), dn_s.stride(1))
@@ -171,15 +175,16 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
 
     def gemms(scaled):
         _moe_gemm.gate_up_kernel[(num_m * triton.cdiv(n1, cfg.block_n1), split1)](
-            h, gu_w, s1, gub, act, part1, sorted_slot, block_expert, block_rows, n1, hid, num_m, per1, h.stride(0),
+            h, gu_w, s1, gub, act, pre, part1, sorted_slot, block_expert, block_rows, n1, hid, num_m, per1, h.stride(0),
             *w1, gub.stride(0), act.stride(0), ps1, float(alpha), float(limit),
             TOPK=k, MXFP4=mxfp4, BLOCK_M=bm, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             EVEN_K=hid % cfg.block_k == 0, IEEE=ieee, SCALED=scaled, LHS_FORMAT=lhs_format, SPLIT_K=split1,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            SAVE_PRE=save is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if split1 > 1:
             _moe_gemm.swiglu_kernel[(num_m, triton.cdiv(n1, 128))](
-                part1, gub, act, sorted_slot, block_expert, block_rows, n1, split1, ps1, gub.stride(0),
-                act.stride(0), float(alpha), float(limit), BLOCK_M=bm, BLOCK_N=128, num_warps=4)
+                part1, gub, act, pre, sorted_slot, block_expert, block_rows, n1, split1, ps1, gub.stride(0),
+                act.stride(0), float(alpha), float(limit), BLOCK_M=bm, BLOCK_N=128, SAVE_PRE=save is not None,
+                num_warps=4)
 
         _moe_gemm.down_kernel[(num_m * triton.cdiv(hid, cfg.block_n2), split2)](
             act, dn_w, s2, dnb, weights32, y, part2, sorted_slot, block_expert, block_rows, hid, inter, num_m, per2,
@@ -204,6 +209,9 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     _moe_gemm.combine_kernel[(t, triton.cdiv(hid, block_n))](
         y, out, part2, idx, weights32, dnb, hid, split2, y.stride(0), out.stride(0), ps2, dnb.stride(0),
         TOPK=k, BLOCK_N=block_n, SPLIT_K=split2, num_warps=4)
+    if save is not None:
+        save.update(weights32=weights32, counts=counts, sorted_slot=sorted_slot, block_expert=block_expert,
+                    block_rows=block_rows, act=act, pre=pre, idx=idx, num_m=num_m, block_m=bm)
     return out, logits, idx, weights
 
 
@@ -214,36 +222,151 @@ def _splits(k_dim: int, block_k: int, wanted: int) -> tuple[int, int]:
     return triton.cdiv(steps, per), per
 
 
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tile shapes of the backward. The row-block kernels (dact, dx_slot) use the forward's block_m."""
+    block_n: int = 128       # dact columns (of I) and dx_slot columns (of H)
+    block_k: int = 64
+    grad_m: int = 128        # expert_grad_kernel: [grad_m, grad_n] tiles of a weight gradient,
+    grad_n: int = 128        # K = the expert's rows, grad_k at a time
+    grad_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def choose_backward_config() -> BackwardConfig:
+    if _interpreting():  # small tiles: several K steps and column tiles even at the tests' shapes
+        return BackwardConfig(block_n=64, block_k=32, grad_m=32, grad_n=64, grad_k=16, num_warps=4, num_stages=1)
+    return BackwardConfig()
+
+
+_DENSE_ARGS = ("h", "router_weight", "router_bias", "gate_up", "gate_up_bias", "down", "down_bias")
+
+
+def _backward(sv, h, rw, gu_w, gu_s, dn_w, dn_s, dnb, idx, d_out, d_logits, d_weights, need, k, alpha, limit,
+              inter, mxfp4, config=None):
+    """Gradients {name: tensor} of the inputs in `need` (names of `_DENSE_ARGS`), from the forward's
+    saved state `sv`; see `_moe_backward` for the kernels and the formulas."""
+    t, hid = h.shape
+    e = rw.shape[0]
+    dev, dtype = h.device, h.dtype
+    wanted = [n for n in _DENSE_ARGS if need.get(n)]
+    shapes = {"h": (t, hid), "router_weight": (e, hid), "router_bias": (e,), "gate_up": (e, hid, 2 * inter),
+              "gate_up_bias": (e, 2 * inter), "down": (e, inter, hid), "down_bias": (e, hid)}
+    if t == 0 or d_out is None and any(n in wanted for n in ("gate_up", "gate_up_bias", "down", "down_bias")):
+        grads = {n: torch.zeros(shapes[n], device=dev, dtype=dtype) for n in wanted}
+        if t == 0:
+            return grads
+    else:
+        grads = {}
+    cfg = config or choose_backward_config()
+    ieee = dtype == torch.float32
+    tk, bm, num_m = t * k, sv["block_m"], sv["num_m"]
+    block_e = max(16, triton.next_power_of_2(e))
+    w32, counts, sorted_slot = sv["weights32"], sv["counts"], sv["sorted_slot"]
+    blocks = (sorted_slot, sv["block_expert"], sv["block_rows"])
+    h = h.contiguous()
+    if mxfp4:
+        wd = (dn_w.stride(0), dn_w.stride(1), 1, dn_s.stride(0), dn_s.stride(1))
+        wg = (gu_w.stride(0), gu_w.stride(1), 1, gu_s.stride(0), gu_s.stride(1))
+        sd, sg = dn_s, gu_s
+    else:
+        wd = (dn_w.stride(0), dn_w.stride(2), dn_w.stride(1), 0, 0)
+        wg = (gu_w.stride(0), gu_w.stride(2), gu_w.stride(1), 0, 0)
+        sd, sg = dn_w, gu_w  # unused placeholders
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    dpre = dwpart = None
+    parts = 1
+    if d_out is not None:
+        d_out = d_out.contiguous()
+        parts = triton.cdiv(inter, cfg.block_n)
+        dpre = torch.empty(num_m * bm, 2 * inter, device=dev, dtype=dtype)
+        dwpart = torch.empty(parts, tk, device=dev, dtype=torch.float32)
+        _moe_backward.dact_kernel[(num_m * parts,)](
+            d_out, dn_w, sd, sv["act"], sv["pre"], w32, dpre, dwpart, *blocks, inter, hid, num_m, tk,
+            d_out.stride(0), *wd, float(alpha), float(limit), TOPK=k, MXFP4=mxfp4, BLOCK_M=bm,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, IEEE=ieee, **launch)
+        grad = dict(M=cfg.grad_m, N=cfg.grad_n)
+        for name, x, y, m, n, x_tok, y_tok in (("down", sv["act"], d_out, inter, hid, False, True),
+                                               ("gate_up", h, dpre, hid, 2 * inter, True, False)):
+            if need.get(name):
+                out = torch.empty(e, m, n, device=dev, dtype=dtype)
+                tiles = triton.cdiv(m, grad["M"]) * triton.cdiv(n, grad["N"])
+                _moe_backward.expert_grad_kernel[(e * tiles,)](
+                    x, y, w32, out, sorted_slot, counts, m, n, e, x.stride(0), y.stride(0), X_TOKEN=x_tok,
+                    Y_TOKEN=y_tok, Y_SCALED=y_tok, TOPK=k, ROW_BLOCK=bm, BLOCK_E=block_e, BLOCK_M=cfg.grad_m,
+                    BLOCK_N=cfg.grad_n, BLOCK_K=cfg.grad_k, IEEE=ieee, **launch)
+                grads[name] = out
+        for name, y, n, y_tok in (("down_bias", d_out, hid, True), ("gate_up_bias", dpre, 2 * inter, False)):
+            if need.get(name):
+                out = torch.empty(e, n, device=dev, dtype=dtype)
+                _moe_backward.bias_grad_kernel[(e, triton.cdiv(n, 256))](
+                    y, w32, out, sorted_slot, counts, n, e, y.stride(0), Y_TOKEN=y_tok, Y_SCALED=y_tok, TOPK=k,
+                    ROW_BLOCK=bm, BLOCK_E=block_e, BLOCK_R=16, BLOCK_N=256, num_warps=4)
+                grads[name] = out
+
+    if not any(need.get(n) for n in ("h", "router_weight", "router_bias")):
+        return grads
+    dl = torch.empty(t, e, device=dev, dtype=torch.float32)
+    d_weights = None if d_weights is None else d_weights.contiguous()
+    d_logits = None if d_logits is None else d_logits.contiguous()
+    _moe_backward.router_grad_kernel[(triton.cdiv(t, 16),)](
+        dwpart if dwpart is not None else dl, parts, d_out if d_out is not None else h, dnb, idx, w32,
+        d_weights if d_weights is not None else dl, d_logits if d_logits is not None else dl, dl, t, tk, e, hid,
+        d_out.stride(0) if d_out is not None else 0, dnb.stride(0), HAS_DOUT=d_out is not None,
+        HAS_DW=d_weights is not None, HAS_DL=d_logits is not None, TOPK=k, BLOCK_T=16, BLOCK_E=block_e,
+        BLOCK_TOPK=triton.next_power_of_2(k), BLOCK_H=64, num_warps=4)
+    if need.get("h"):
+        dxs = dl
+        if dpre is not None:
+            dxs = torch.empty(tk, hid, device=dev, dtype=torch.float32)
+            _moe_backward.dx_slot_kernel[(num_m * triton.cdiv(hid, cfg.block_n),)](
+                dpre, gu_w, sg, dxs, *blocks, hid, 2 * inter, num_m, *wg, MXFP4=mxfp4, BLOCK_M=bm,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, IEEE=ieee, **launch)
+        dx = torch.empty(t, hid, device=dev, dtype=dtype)
+        _moe_backward.dx_combine_kernel[(triton.cdiv(t, 16), triton.cdiv(hid, 64))](
+            dxs, dl, rw, dx, t, e, hid, rw.stride(0), dx.stride(0), HAS_EXPERT=dpre is not None, TOPK=k,
+            BLOCK_T=16, BLOCK_E=block_e, BLOCK_N=64, num_warps=4)
+        grads["h"] = dx
+    if need.get("router_weight") or need.get("router_bias"):
+        tiles = triton.cdiv(hid, 64)
+        chunks = triton.cdiv(t, 64)
+        splits = max(1, min(chunks, 512 // tiles))
+        per_split = triton.cdiv(chunks, splits) * 64
+        splits = triton.cdiv(t, per_split)
+        part = torch.empty(splits, e, hid, device=dev, dtype=torch.float32)
+        partb = torch.empty(splits, e, device=dev, dtype=torch.float32)
+        _moe_backward.router_wgrad_kernel[(tiles, splits)](
+            dl, h, part, partb, t, e, hid, per_split, h.stride(0), BLOCK_E=block_e, BLOCK_N=64, BLOCK_T=64,
+            num_warps=4)
+        drw = torch.empty(e, hid, device=dev, dtype=dtype)
+        drb = torch.empty(e, device=dev, dtype=dtype)
+        _moe_backward.router_wgrad_reduce_kernel[(triton.cdiv(e * hid, 1024),)](
+            part, partb, drw, drb, splits, e, hid, BLOCK=1024, num_warps=4)
+        grads.update(router_weight=drw, router_bias=drb)
+    return grads
+
+
 class _FusedMoE(torch.autograd.Function):
-    """Fused forward; backward by autograd through the reference `moe` (recomputed)."""
+    """Fused forward (keeping its routing, activation and pre-activation), fused backward."""
 
     @staticmethod
     def forward(ctx, h, rw, rb, gu, gub, dn, dnb, k, alpha, limit):
-        ctx.save_for_backward(h, rw, rb, gu, gub, dn, dnb)
+        ctx.sv = {}
+        out = _forward(h, rw, rb, gu, None, gub, dn, None, dnb, k, alpha, limit, gu.shape[2] // 2, False, save=ctx.sv)
+        ctx.save_for_backward(h, rw, gu, dn, dnb, out[2])
         ctx.args = (k, alpha, limit)
-        out = _forward(h, rw, rb, gu, None, gub, dn, None, dnb, k, alpha, limit, gu.shape[2] // 2, False)
         ctx.mark_non_differentiable(out[2])
         return out
 
     @staticmethod
     def backward(ctx, d_out, d_logits, d_idx, d_weights):
-        return _reference_backward(ctx, (d_out, d_logits, d_weights), lambda *w: w) + (None, None, None)
-
-
-def _reference_backward(ctx, grads, dense):
-    """Gradients of the saved inputs: `dense` maps them to the reference `moe`'s arguments."""
-    k, alpha, limit = ctx.args
-    saved = ctx.saved_tensors
-    with torch.enable_grad():
-        inputs = [x.detach().requires_grad_(x.is_floating_point() and need)
-                  for x, need in zip(saved, ctx.needs_input_grad[:len(saved)])]
-        h, rw, rb, gu, gub, dn, dnb = dense(*inputs)
-        out, logits, _, weights = reference.moe(h, rw, rb, gu, gub, dn, dnb, k=k, alpha=alpha, limit=limit)
-        wanted = [x for x in inputs if x.requires_grad]
-        pairs = [(o, g) for o, g in zip((out, logits, weights), grads) if g is not None and o.requires_grad]
-        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-                   if pairs and wanted else [])
-    return tuple(next(got) if x.requires_grad else None for x in inputs)
+        h, rw, gu, dn, dnb, idx = ctx.saved_tensors
+        need = dict(zip(_DENSE_ARGS, ctx.needs_input_grad[:7]))
+        g = _backward(ctx.sv, h, rw, gu, None, dn, None, dnb, idx, d_out, d_logits, d_weights, need, *ctx.args,
+                      gu.shape[2] // 2, False)
+        return tuple(g.get(n) for n in _DENSE_ARGS) + (None, None, None)
 
 
 def fused_moe(h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, gate_up: torch.Tensor,
@@ -265,22 +388,26 @@ def fused_moe(h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
 
 
 class _FusedMoEMXFP4(torch.autograd.Function):
+    """Fused forward and backward with frozen MXFP4 experts: gradients of h, the router and the biases."""
+
     @staticmethod
     def forward(ctx, h, rw, rb, gub, dnb, gu_b, gu_s, dn_b, dn_s, k, alpha, limit):
-        ctx.save_for_backward(h, rw, rb, gub, dnb, gu_b, gu_s, dn_b, dn_s)
+        ctx.sv = {}
+        out = _forward(h, rw, rb, gu_b, gu_s, gub, dn_b, dn_s, dnb, k, alpha, limit, gu_b.shape[1] // 2, True,
+                       save=ctx.sv)
+        ctx.save_for_backward(h, rw, dnb, gu_b, gu_s, dn_b, dn_s, out[2])
         ctx.args = (k, alpha, limit)
-        out = _forward(h, rw, rb, gu_b, gu_s, gub, dn_b, dn_s, dnb, k, alpha, limit, gu_b.shape[1] // 2, True)
         ctx.mark_non_differentiable(out[2])
         return out
 
     @staticmethod
     def backward(ctx, d_out, d_logits, d_idx, d_weights):
-        from ..formats.mxfp4 import to_hf_dense
-
-        def dense(h, rw, rb, gub, dnb, gu_b, gu_s, dn_b, dn_s):
-            return (h, rw, rb, to_hf_dense(gu_b, gu_s, h.dtype), gub, to_hf_dense(dn_b, dn_s, h.dtype), dnb)
-
-        return _reference_backward(ctx, (d_out, d_logits, d_weights), dense) + (None, None, None)
+        h, rw, dnb, gu_b, gu_s, dn_b, dn_s, idx = ctx.saved_tensors
+        need = dict(zip(("h", "router_weight", "router_bias", "gate_up_bias", "down_bias"), ctx.needs_input_grad[:5]))
+        g = _backward(ctx.sv, h, rw, gu_b, gu_s, dn_b, dn_s, dnb, idx, d_out, d_logits, d_weights, need, *ctx.args,
+                      gu_b.shape[1] // 2, True)
+        return (g.get("h"), g.get("router_weight"), g.get("router_bias"), g.get("gate_up_bias"),
+                g.get("down_bias")) + (None,) * 7
 
 
 def _check_mxfp4(name, blocks, scales, e, out, inner):

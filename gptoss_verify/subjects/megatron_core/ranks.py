@@ -25,6 +25,7 @@ class Job:
     checkpoint: str
     dtype: str = "float64"
     fault: str | None = None
+    save_to: str | None = None  # after loading: megatron-core's own dist_checkpointing.save into this directory
 
     def variant(self) -> mmodel.Variant:
         return mmodel.Variant(window_minus=0 if self.fault == "window-W" else 1,
@@ -54,6 +55,10 @@ def _one(job: Job, tp: int, ep: int, t: int, p: int, ids: torch.Tensor, ps
             raise ValueError(f"{job.checkpoint}: written for tp {ck.layout.tp} × ep {ck.layout.ep}, "
                              f"run on tp {tp} × ep {ep}")
         mmodel.load_legacy(model, ck.files[(t, 0, p)], job.fault if job.fault in mmodel.WEIGHT_FAULTS else None)
+    if job.save_to is not None:
+        from megatron.core import dist_checkpointing
+        Path(job.save_to).mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, job.save_to)
     rec, undo = hooks.attach(model, spec.experts_per_token)
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     try:

@@ -96,11 +96,14 @@ def L(i: int, name: str) -> str:
 
 
 def _case(spec, state, ids, dtype, offset=0, mxfp4: bool = True) -> Case:
-    """Expert weights put on the MXFP4 grid (so subjects that load MXFP4 run the same model)."""
+    """Expert weights put on the MXFP4 grid (so subjects that write and load MXFP4 run the same
+    model) but handed over dense: only the mxfp4 probe's case holds blocks and scales, so a
+    subject's own MXFP4 decoder is judged there alone."""
     from ..formats import canonical
     if mxfp4:
-        state = dict(canonical.to_mxfp4((n, t.float() if n.endswith(("gate_up_proj", "down_proj")) else t)
-                                        for n, t in state.items()))
+        state = dict(canonical.to_dense(canonical.to_mxfp4(
+            (n, t.float() if n.endswith(("gate_up_proj", "down_proj")) else t) for n, t in state.items()),
+            torch.float32))
     return Case(spec, ids, offset, dtype, state)
 
 
@@ -224,7 +227,8 @@ def clamp(pre: list[float], down_scale: float):
     def build(dtype):
         angles = torch.tensor([math.acos(p / 20.0) for p in pre], dtype=torch.float64)
         s, ids = _moe_scaffold(BASE, angles)
-        _experts(s, _preact_col(20.0), down_scale)
+        # fp16 holds at most 65504: a smaller readout gain there
+        _experts(s, _preact_col(20.0), min(down_scale, 4e3) if dtype == torch.float16 else down_scale)
         return ProbeCase(_case(BASE, s, ids, dtype))
     return build
 

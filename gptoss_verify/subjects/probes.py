@@ -297,11 +297,11 @@ def router_order(dtype):
 
 
 def router_bias(dtype):
-    """Without the bias experts 0/1 (by the weights) would win; with it, 2/3 (bias 40 and 39.5)."""
+    """Without the bias experts 0/1 (by the weights) would win; with it, 2/3 (bias 20 and 19.5)."""
     angles = torch.linspace(-0.6, 0.6, 12, dtype=torch.float64)
     s, ids = _moe_scaffold(ROUTER, angles)
     s[L(0, "mlp.router.bias")].zero_()
-    s[L(0, "mlp.router.bias")][2:4] = torch.tensor([40.0, 39.5], dtype=torch.float64)
+    s[L(0, "mlp.router.bias")][2:4] = torch.tensor([20.0, 19.5], dtype=torch.float64)
     r = s[L(0, "mlp.router.weight")]
     r[0, 0], r[1, 0] = 3.0 / H_SCALE, 2.5 / H_SCALE
     r[2, 1], r[3, 1] = 1.0 / H_SCALE, -1.0 / H_SCALE
@@ -421,9 +421,10 @@ def mxfp4(dtype):
 
 # ---- KV cache --------------------------------------------------------------------------------
 def decode(dtype):
-    """The window probe's weights, 3W tokens: W + 2 prefilled, the rest decoded one by one
-    against a cache that must hold the last W − 1 keys of the sliding layer and all of the full one."""
-    return ProbeCase(_case(BASE, _attention_scaffold(BASE), _ids(2, 3 * W, seed=2), dtype), prefill=W + 2)
+    """The window probe's weights, 2W + 2 tokens: W + 2 prefilled (longer than the window), the
+    rest decoded one by one against a cache that must hold the last W − 1 keys of the sliding
+    layer and every key of the full one."""
+    return ProbeCase(_case(BASE, _attention_scaffold(BASE), _ids(2, 2 * W + 2, seed=2), dtype), prefill=W + 2)
 
 
 SINKS, WINDOW, YARN_F, ROPE = "attention sinks", "sliding window", "YaRN", "RoPE pairing (d, d + D/2)"
@@ -451,14 +452,14 @@ PROBES: dict[str, Probe] = {p.name: p for p in [
           "even and odd gate_up columns read different inputs", interleave),
     Probe("router-order", "router: top-k, then softmax over the k", "8 experts, unbiased logits 2·cos(θ − φ_e)",
           router_order),
-    Probe("router-bias", "router bias", "the bias (40, 39.5) moves the choice from experts 0, 1 to 2, 3", router_bias),
+    Probe("router-bias", "router bias", "the bias (20, 19.5) moves the choice from experts 0, 1 to 2, 3", router_bias),
     Probe("expert-biases", "expert biases (gate_up, down inside the weighted sum)",
           "identical experts, weights ½ and ½, gate_up bias 1.5, down bias random", expert_biases),
     Probe("norm-eps", "RMSNorm eps", "all zero but an embedding of mean square 1e-5", norm_eps),
     Probe("norm-cast-order", "RMSNorm cast order (weight times normalised in float32, one rounding)",
           "normalised values just below the tie above 1, weight 3 (bf16/fp16 only)", norm_cast_order),
     Probe("mxfp4", "MXFP4 decoding", "one expert per scale exponent 2^-8..2^127, random codes (±0, ±6)", mxfp4),
-    Probe("decode", "KV-cache decode", "window-long's weights, W + 2 prefilled, the rest decoded past the window",
+    Probe("decode", "KV-cache decode", "window-long's weights, W + 2 prefilled, W more decoded one by one past the window",
           decode, decode=True),
 ]}
 

@@ -123,6 +123,7 @@ def to_json(rows: list[Row], meta: dict) -> dict:
         if r.verdict is not None:
             row["cells"] = {c.name: dataclasses.asdict(c.verdict) for c in r.verdict.cells}
             row["not_judged"] = dict(r.verdict.not_judged)
+            row["floors"] = list(r.verdict.floors)
         row["probes"] = {p.name: {"feature": p.feature, "passed": p.passed, "error": p.error, "bound": p.bound,
                                   "applicable": getattr(p, "applicable", True), "note": getattr(p, "note", "")}
                          for p in r.probes}
@@ -204,6 +205,8 @@ def to_markdown(data: dict, title: str = "GPT-OSS subjects matrix") -> str:
             for why in dict.fromkeys(p["note"] for p in r["probes"].values() if not p.get("applicable", True)):
                 which = [n for n, p in r["probes"].items() if not p.get("applicable", True) and p["note"] == why]
                 notes.append(f"- {r['subject']}: probes not applicable, {why}: {', '.join(which)}")
+            for floor in r.get("floors", []):
+                notes.append(f"- {r['subject']}: its own floor, stated: {floor}")
             for why in dict.fromkeys(r.get("not_judged", {}).values()):
                 which = [n for n, w in r["not_judged"].items() if w == why]
                 notes.append(f"- {r['subject']}: not judged, {why}: {', '.join(which)}")

@@ -168,27 +168,35 @@ def _spawned(rank: int, world: int, init_method: str, cfg: Config) -> None:
 def spawn(cfg: Config, world: int | None = None, deadline_s: float | None = None) -> list[CaseResult]:
     """Start the ranks on this machine (loopback) and return rank 0's results."""
     import tempfile
-
-    import torch.multiprocessing as mp
     world = world or grid_of(cfg.cases[0].megatron_dir).world
     with tempfile.TemporaryDirectory(prefix="gptoss-sharded-") as tmp:
         cfg = dataclasses.replace(cfg, result_path=str(Path(tmp) / "result.json"))
-        init = f"tcp://127.0.0.1:{free_port()}"
-        ctx = mp.start_processes(_spawned, args=(world, init, cfg), nprocs=world, join=False, start_method="spawn")
-        limit = time.monotonic() + (deadline_s or cfg.timeout_s * (2 + len(cfg.cases)))
-        try:
-            while not ctx.join(timeout=0.5):
-                if time.monotonic() > limit:
-                    raise TimeoutError(f"sharded forward: the {world} ranks did not finish in time")
-        except mp.ProcessRaisedException as err:
-            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-            raise ValueError(f"sharded forward: rank {err.error_index} failed: {lines[-1] if lines else err}") from None
-        finally:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join(5)
+        start_ranks(_spawned, (cfg,), world, deadline_s or cfg.timeout_s * (2 + len(cfg.cases)), "sharded forward")
         return [CaseResult.from_json(r) for r in json.loads(Path(cfg.result_path).read_text())]
+
+
+def start_ranks(fn, args: tuple, world: int, deadline_s: float, what: str) -> None:
+    """Run `fn(rank, world, init_method, *args)` in `world` spawned processes (a tcp:// rendezvous
+    on a free loopback port) and wait for all of them: a rank that raises is reported by its last
+    line, and past `deadline_s` every process still alive is killed."""
+    import torch.multiprocessing as mp
+    init = f"tcp://127.0.0.1:{free_port()}"
+    ctx = mp.start_processes(fn, args=(world, init, *args), nprocs=world, join=False, start_method="spawn")
+    limit = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=0.5):
+            if time.monotonic() > limit:
+                raise TimeoutError(f"{what}: the {world} ranks did not finish in time")
+    except mp.ProcessRaisedException as err:
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        raise ValueError(f"{what}: rank {err.error_index} failed: {lines[-1] if lines else err}") from None
+    except mp.ProcessExitedException as err:
+        raise ValueError(f"{what}: rank {err.error_index} exited with code {err.exit_code}") from None
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
 
 
 def under_torchrun() -> bool:

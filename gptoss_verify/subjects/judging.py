@@ -22,7 +22,7 @@ import torch
 from .. import metrics
 from ..judge import Verdict, check
 from .ours import Ours
-from .protocol import Case, Output, layer_name, point_names, split_name, validate_output
+from .protocol import Case, Output, layer_name, ordered_names, point_names, split_name, validate_output
 
 
 @dataclasses.dataclass
@@ -37,6 +37,7 @@ class SubjectVerdict:
     dtype: str
     cells: list[Cell]
     not_judged: dict[str, str] = dataclasses.field(default_factory=dict)  # handed back, not judged: why
+    floors: list[str] = dataclasses.field(default_factory=list)  # the subject's stated floors that applied
 
     @property
     def passed(self) -> bool:
@@ -109,10 +110,32 @@ def _after_first_routing(name: str) -> bool:
     return name in ("final_norm", "logits") or (layer is not None and (layer > 0 or point in AFTER_ROUTING))
 
 
+def _floor_kinds(floors, case: Case, names: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(trace name -> the tolerance kind of the subject's floor that covers it, the floors' `why`
+    that cover any judged name) for the case's dtype: a floor covers its `start` point's first
+    occurrence and everything after it in trace order."""
+    kinds: dict[str, str] = {}
+    applied: list[str] = []
+    order = ordered_names(case.spec.num_layers)
+    for floor in floors:
+        if floor.dtype != case.dtype_name:
+            continue
+        first = next((i for i, n in enumerate(order) if split_name(n)[1] == floor.start), None)
+        if first is None:
+            continue
+        covered = set(order[first:])
+        hit = [n for n in names if n in covered]
+        kinds.update((n, floor.kind) for n in hit)
+        if hit:
+            applied.append(f"{floor.kind} from {floor.start} on: {floor.why}")
+    return kinds, applied
+
+
 def judge_output(output: Output, case: Case, exposed: tuple[str, ...], subject: str = "subject",
-                 baseline: tuple[Output, Output | None] | None = None) -> SubjectVerdict:
+                 baseline: tuple[Output, Output | None] | None = None, floors=()) -> SubjectVerdict:
     """Judge a subject's (validated) output. `exposed` are the point names to judge (those the
-    subject states it exposes and handed back); `baseline` reuses `truth_and_reference(case)`."""
+    subject states it exposes and handed back); `baseline` reuses `truth_and_reference(case)`;
+    `floors`: the subject's stated `Floor`s (their kind replaces the default where they apply)."""
     truth, ref = baseline or truth_and_reference(case)
     dtype = case.dtype
     cells: list[Cell] = []
@@ -124,6 +147,7 @@ def judge_output(output: Output, case: Case, exposed: tuple[str, ...], subject: 
         not_judged.update((n, NO_ROUTING) for n in names[cut:])
         names = names[:cut]
     left_out = flipped_tokens(case.spec.num_layers, case.input_ids.shape, got, truth, ref)
+    floor_kind, applied = _floor_kinds(floors, case, names + ["logits"])
     for name in names:
         point = split_name(name)[1]
         s, t = got[name].cpu(), truth.points.get(name, truth.logits if name == "logits" else None)
@@ -134,23 +158,31 @@ def judge_output(output: Output, case: Case, exposed: tuple[str, ...], subject: 
             not_judged[name] = ALL_LEFT_OUT
         elif point == "topk_idx":  # agreement among the tokens whose inputs are still comparable
             cells.append(Cell(name, check("routing", dtype, s, t, tokens=tokens)))
+        elif name in floor_kind:
+            cells.append(Cell(name, _check_floor(floor_kind[name], dtype, s, t, r, tokens)))
         elif ref is None:
             cells.append(Cell(name, check("oracle", dtype, s, t, tokens=tokens)))
         else:
             cells.append(Cell(name, check("truth", dtype, s, t, r, tokens=tokens)))
     if ref is None:
         if "logits" not in names:
-            cells.append(Cell("logits", check("oracle", dtype, output.logits.cpu(), truth.logits)))
+            kind = floor_kind.get("logits", "oracle")
+            cells.append(Cell("logits", check(kind, dtype, output.logits.cpu(), truth.logits)))
     else:
         cells.append(Cell("next-token", check("free-logits", dtype, output.logits.cpu(), truth.logits, ref.logits)))
-    return SubjectVerdict(subject, case.dtype_name, cells, not_judged)
+    return SubjectVerdict(subject, case.dtype_name, cells, not_judged, applied)
+
+
+def _check_floor(kind: str, dtype, s, t, r, tokens):
+    from ..tolerances import TRUTH, kind as kind_of
+    return check(kind, dtype, s, t, r if kind_of(kind).rule == TRUTH else None, tokens=tokens)
 
 
 def judge_subject(subject, case: Case, baseline=None) -> SubjectVerdict:
     """Run `subject` on `case`, check what it hands back, judge it."""
     output = validate_output(subject.run(case), case, where=f"subject {subject.name}")
     exposed = tuple(p for p in subject.points if p == "logits" or any(split_name(n)[1] == p for n in output.points))
-    return judge_output(output, case, exposed, subject.name, baseline)
+    return judge_output(output, case, exposed, subject.name, baseline, getattr(subject, "floors", ()))
 
 
 __all__ = ["Cell", "SubjectVerdict", "judge_output", "judge_subject", "truth_and_reference", "layer_name"]

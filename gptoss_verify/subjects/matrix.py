@@ -123,6 +123,7 @@ def to_json(rows: list[Row], meta: dict) -> dict:
         if r.verdict is not None:
             row["cells"] = {c.name: dataclasses.asdict(c.verdict) for c in r.verdict.cells}
             row["not_judged"] = dict(r.verdict.not_judged)
+            row["floors"] = list(r.verdict.floors)
         row["probes"] = {p.name: {"feature": p.feature, "passed": p.passed, "error": p.error, "bound": p.bound}
                          for p in r.probes}
         out["rows"].append(row)
@@ -198,6 +199,8 @@ def to_markdown(data: dict, title: str = "GPT-OSS subjects matrix") -> str:
             for name, p in r["probes"].items():
                 if not p["passed"]:
                     notes.append(f"- {r['subject']} probe {name}: FAIL — the feature at fault: {p['feature']}")
+            for floor in r.get("floors", []):
+                notes.append(f"- {r['subject']}: its own floor, stated: {floor}")
             for why in dict.fromkeys(r.get("not_judged", {}).values()):
                 which = [n for n, w in r["not_judged"].items() if w == why]
                 notes.append(f"- {r['subject']}: not judged, {why}: {', '.join(which)}")

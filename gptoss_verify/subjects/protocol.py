@@ -7,6 +7,7 @@ A subject is any object with
     points: tuple[str, ...]       # the trace points it exposes, by point name (POINT_NAMES);
                                   # a per-layer point ("q") means that point of every layer
     def run(self, case: Case) -> Output | torch.Tensor   # a bare tensor is the logits
+    floors: tuple[Floor, ...]     # optional: precision floors the subject states about itself
 
 Given a `Case` (a ModelSpec, the weights as a canonical state dict or a checkpoint directory in
 any layout we read, token ids [B, S] at absolute positions offset.., a dtype), `run` returns the
@@ -28,7 +29,7 @@ from ..config import ModelSpec
 # the one import of the trace names in this package: every subject module takes them from here
 from ..trace import LAYER_POINTS, Trace, layer_name, ordered_names, split_name
 
-__all__ = ["Case", "Output", "Subject", "SubjectError", "SubjectUnavailable", "POINT_NAMES", "LAYER_POINTS",
+__all__ = ["Case", "Floor", "Output", "Subject", "SubjectError", "SubjectUnavailable", "POINT_NAMES", "LAYER_POINTS",
            "Trace", "layer_name", "ordered_names", "split_name", "point_shape", "point_names",
            "validate_output", "ALL_POINTS", "LOGITS_ONLY"]
 
@@ -103,6 +104,18 @@ class Case:
         """[B, S] absolute positions."""
         b, s = self.input_ids.shape
         return torch.arange(self.offset, self.offset + s).expand(b, s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Floor:
+    """A precision floor a subject states about itself (optional attribute `floors`, a tuple of
+    these): in `dtype`, every point from the first `start` point on (a point name, e.g.
+    `topk_weights`) is judged by the tolerance kind `kind` instead of the default; `why` cites the
+    subject's own source. The verdict lists the floors that applied."""
+    dtype: str
+    start: str
+    kind: str
+    why: str
 
 
 @dataclasses.dataclass

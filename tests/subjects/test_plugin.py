@@ -3,6 +3,7 @@ one test per point and probe, the verdict its bug deserves, our report attached;
 its option."""
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 import tomllib
@@ -31,10 +32,18 @@ def warm_imports():
     Battery("reference", Case.random(preset("tiny"), torch.float32, 1, 4), with_probes=True).report()
 
 
+def plugin_args() -> list[str]:
+    """Load the plugin as a user's pytest would: by its pytest11 entry point where the package is
+    installed (CI: `pip install -e`), else by name (a checkout run with PYTHONPATH); loading it both
+    ways is pytest's "already registered under a different name" error."""
+    installed = any(e.name == "gptoss_verify" for e in importlib.metadata.entry_points(group="pytest11"))
+    return [] if installed else ["-p", "gptoss_verify.pytest_plugin"]
+
+
 def run(pytester, *args):
     pytester.syspathinsert(HERE)  # the user's engine module, importable as in their own CI
     pytester.makepyfile(test_own="def test_their_own():\n    assert True\n")
-    return pytester.runpytest_inprocess("-p", "gptoss_verify.pytest_plugin", "-p", "no:cacheprovider", *args)
+    return pytester.runpytest_inprocess(*plugin_args(), "-p", "no:cacheprovider", *args)
 
 
 def test_inert_without_the_option(pytester):

@@ -117,8 +117,12 @@ def expected_tensors(spec: ModelSpec, tp: int = 1, ep: int = 1, pp: int = 1, pad
 # ---- writing ------------------------------------------------------------------------------------
 def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor] | Source, spec: ModelSpec,
           out_dir: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, pad_vocab: bool = False,
-          progress: bool = False, **_ignored) -> None:
+          names: str = mapping.TE, progress: bool = False, **_ignored) -> None:
     """Write the legacy per-rank layout atomically (an owned partial beside `out_dir`, renamed at the end).
+
+    `names`: the name set of the tensors (`mapping.NAME_SETS`): `te`, TransformerEngine's layer
+    spec with TEGroupedMLP (what Megatron-Bridge writes; the default), or `local`, megatron-core's
+    local spec with SequentialMLP (what its `load_state_dict(strict=True)` takes as is).
 
     The source is either the canonical stream (dense or MXFP4 experts; a one-shot iterator is
     spooled to a scratch file inside the partial output as it arrives, so memory stays at one slice), or a
@@ -126,6 +130,8 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
     loads one tensor per `__getitem__`; MXFP4 pairs in it are decoded expert by expert). Float
     tensors keep the source's float dtype; MXFP4 experts are decoded exactly to it (bf16 normally).
     """
+    if names not in mapping.NAME_SETS:
+        raise ValueError(f"megatron: names expected one of {mapping.NAME_SETS}, got {names!r}")
     lay = Layout(tp, ep, pp, pad_vocab)
     lay.check(spec)
     out_dir = Path(out_dir)
@@ -137,20 +143,21 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
             _check_source(src, spec)
             dtype = src.dtype
             iter_dir = tmp / f"iter_{ITERATION:07d}"
-            _write_rank_files(src, spec, lay, iter_dir, dtype, progress and f"write megatron {out_dir.name}")
+            _write_rank_files(src, spec, lay, iter_dir, dtype, progress and f"write megatron {out_dir.name}", names)
         finally:
             src.close()
         write_text(tmp / TRACKER, f"{ITERATION}\n")
         write_json(tmp / SIDECAR, sidecar("megatron-legacy", spec, lay, dtype)
-                   | {"checkpoint_version": CHECKPOINT_VERSION, "expert_layout": "TEGroupedMLP"})
+                   | {"checkpoint_version": CHECKPOINT_VERSION, "names": names,
+                      "expert_layout": "TEGroupedMLP" if names == mapping.TE else "SequentialMLP"})
 
 
 def _write_rank_files(src: Source, spec: ModelSpec, lay: Layout, iter_dir: Path, dtype: torch.dtype,
-                      progress: str | bool) -> None:
+                      progress: str | bool, names: str = mapping.TE) -> None:
     """Every rank file at once (`FanOutWriter`: a writer thread per file), each distinct tensor
     built once and queued for all the files that hold a copy of it (`Piece.copy_key`). `progress`:
     the progress bar's label, or False for none."""
-    plans = {r: rank_plan(spec, lay, *r) for r in lay.ranks()}
+    plans = {r: rank_plan(spec, lay, *r, names=names) for r in lay.ranks()}
     largest = max(dtype.itemsize * math.prod(piece.shape) for plan in plans.values() for piece in plan.values())
     files = FanOutWriter(budget=max(largest, 64 << 20))
     bar = tqdm(total=sum(len(plan) for plan in plans.values()), desc=progress or None, unit="tensor",
@@ -165,11 +172,11 @@ def _write_rank_files(src: Source, spec: ModelSpec, lay: Layout, iter_dir: Path,
         ahead = _Prefetch(src, spec)
         for s in range(lay.pp):
             stage = [r for r in plans if r[1] == s]
-            names = list(plans[stage[0]])
-            assert all(list(plans[r]) == names for r in stage), "ranks of a stage list the same tensors"
+            order = list(plans[stage[0]])
+            assert all(list(plans[r]) == order for r in stage), "ranks of a stage list the same tensors"
             layers = lay.stage_layers(spec, s)
             ahead.reach(layers.start)
-            for name in names:
+            for name in order:
                 layer = plans[stage[0]][name].layer
                 if layer is not None:  # in layer L: read L + 1 ahead (asked once)
                     ahead.reach(layer + 1)

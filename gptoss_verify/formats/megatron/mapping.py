@@ -306,10 +306,13 @@ def _layer(name: str) -> dict[str, Names]:
 ROWS: tuple[Row, ...] = (
     Row("embedding", FIRST, ("model.embed_tokens.weight",),
         _both("embedding.word_embeddings.weight", "embedding.word_embeddings.weight"), Shard.VOCAB_ROWS, PadVocab()),
+    # the local spec's torch_dist keys of the two norms are TE-style too: its layer spec maps
+    # `input_layernorm.` -> `self_attention.linear_qkv.layer_norm_` and `pre_mlp_layernorm.` ->
+    # `mlp.linear_fc1.layer_norm_` (gpt_layer_specs.py, `sharded_state_dict_keys_map`)
     Row("input_norm", LAYER, ("input_layernorm.weight",),
         {TE: Names(_L + "self_attention.linear_qkv.layer_norm_weight",
                    "decoder.layers.self_attention.linear_qkv.layer_norm_weight"),
-         LOCAL: Names(_L + "input_layernorm.weight", "decoder.layers.input_layernorm.weight")},
+         LOCAL: Names(_L + "input_layernorm.weight", "decoder.layers.self_attention.linear_qkv.layer_norm_weight")},
         Shard.REPLICATED, Same()),
     Row("qkv_weight", LAYER, ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
         _layer("self_attention.linear_qkv.weight"), Shard.KV_GROUPS, GroupQKV()),
@@ -322,7 +325,9 @@ ROWS: tuple[Row, ...] = (
     Row("sinks", LAYER, ("self_attn.sinks",),
         _layer("self_attention.core_attention.softmax_offset"), Shard.TP_ROWS, Same()),
     Row("mlp_norm", LAYER, ("post_attention_layernorm.weight",),
-        _layer("pre_mlp_layernorm.weight"), Shard.REPLICATED, Same()),
+        {TE: Names(_L + "pre_mlp_layernorm.weight", "decoder.layers.pre_mlp_layernorm.weight"),
+         LOCAL: Names(_L + "pre_mlp_layernorm.weight", "decoder.layers.mlp.linear_fc1.layer_norm_weight")},
+        Shard.REPLICATED, Same()),
     Row("router_weight", LAYER, ("mlp.router.weight",), _layer("mlp.router.weight"), Shard.REPLICATED, Same()),
     Row("router_bias", LAYER, ("mlp.router.bias",), _layer("mlp.router.bias"), Shard.REPLICATED, Same()),
     Row("fc1_weight", EXPERT, ("mlp.experts.gate_up_proj",), _expert("linear_fc1", "weight"),
@@ -341,6 +346,11 @@ ROWS: tuple[Row, ...] = (
 ROW = {row.key: row for row in ROWS}
 #: canonical name (within the layer for layer rows) -> (row, its position in the row's canonical tuple)
 _BY_CANONICAL = {n: (row, j) for row in ROWS for j, n in enumerate(row.canonical)}
+
+
+#: torch_dist keys a name set requests beyond the TE keys we treat as primary: (its key, the row)
+DIST_ALIASES: tuple[tuple[str, Row], ...] = tuple(
+    (row.dist_key(s), row) for row in ROWS for s in NAME_SETS if s != TE and row.dist_key(s) != row.dist_key(TE))
 
 
 def name(key: str, i: int | None = None, k: int | None = None, names: str = TE) -> str:
@@ -369,6 +379,25 @@ def _pattern(legacy: str) -> re.Pattern:
 #: spellings of other name sets, read back into the TE spelling the readers work in
 _RESPELL = [(_pattern(row.names[s].legacy), row) for row in ROWS for s in NAME_SETS
             if s != TE and row.names[s].legacy != row.names[TE].legacy]
+
+
+def respell(te_name: str, names: str) -> str:
+    """A legacy name in the TE spelling -> the same tensor's name in name set `names` (the names
+    that the local layer spec's `load_state_dict(strict=True)` asks for, e.g.)."""
+    if names == TE:
+        return te_name
+    for row in ROWS:
+        m = _pattern(row.names[TE].legacy).match(te_name)
+        if m:
+            groups = m.groupdict()
+            return row.legacy_name(int(groups["i"]) if "i" in groups else None,
+                                   int(groups["k"]) if "k" in groups else None, names)
+    return te_name
+
+
+def is_row(legacy_name: str, keys: tuple[str, ...], names: str = TE) -> bool:
+    """Whether a legacy name in name set `names` belongs to one of the rows `keys`."""
+    return any(_pattern(ROW[key].names[names].legacy).match(legacy_name) for key in keys)
 
 
 def normalise(stored: str) -> str | None:
@@ -427,3 +456,42 @@ def markdown_table() -> str:
         lines.append(f"| `{row.key}` ({row.scope}) | {canonical} | {legacy} | {dist} | {row.transform.name} "
                      f"| {row.shard.value} |")
     return "\n".join(lines) + "\n"
+
+
+# ---- megatron-core's own model (the megatron-core subject, `subjects/megatron_core`) ------------
+#: torch_dist `_extra_state` ShardedObjects a GPT-OSS `GPTModel` requests (FP8 metadata; None in
+#: a model without FP8): module key -> whether it has an expert axis besides the layer axis, per
+#: name set. Local spec: verified with megatron-core 0.19.2 (its `sharded_state_dict()` asks for
+#: exactly these, its own `save` writes them). TE spec: from `megatron/core/extensions/
+#: transformer_engine.py` (TELayerNormColumnParallelLinear, TERowParallelLinear,
+#: TEDotProductAttention, TEGroupedLinear), not run here.
+EXTRA_STATE: dict[str, dict[str, bool]] = {
+    LOCAL: {"decoder.layers.self_attention.linear_qkv": False, "decoder.layers.self_attention.linear_proj": False,
+            "decoder.layers.mlp.experts.experts.linear_fc1": True, "decoder.layers.mlp.experts.experts.linear_fc2": True},
+    TE: {"decoder.layers.self_attention.linear_qkv": False, "decoder.layers.self_attention.linear_proj": False,
+         "decoder.layers.self_attention.core_attention": False,
+         "decoder.layers.mlp.experts.experts.linear_fc1": True, "decoder.layers.mlp.experts.experts.linear_fc2": True},
+}
+EXTRA_STATE_SUFFIX = "._extra_state"
+
+
+def extra_state_keys() -> dict[str, bool]:
+    """Every `_extra_state` object key of either name set -> whether it has an expert axis."""
+    return {module + EXTRA_STATE_SUFFIX: by_expert for names in NAME_SETS
+            for module, by_expert in EXTRA_STATE[names].items()}
+
+
+#: megatron-core's module paths (local layer spec) where the subject's trace hooks sit: our trace
+#: point -> (module path, which layer under `layers` it is relative to, or None for the model)
+MODULES = {
+    "embed": "embedding",
+    "layers": "decoder.layers",
+    "final_norm": "decoder.final_layernorm",
+    # inside decoder.layers.{i}
+    "attn_norm": "input_layernorm",
+    "attention_core": "self_attention.core_attention",
+    "attention": "self_attention",
+    "mlp_norm": "pre_mlp_layernorm",
+    "router": "mlp.router",
+    "mlp": "mlp",
+}

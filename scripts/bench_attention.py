@@ -121,6 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the table here (markdown)")
     parser.add_argument("--quick", action="store_true", help="only the smallest shapes")
+    parser.add_argument("--cases", nargs="+", metavar="LABEL", help="only the cases of these labels, e.g. 'causal S=4096'")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="PREFIX",
+                        help="leave out the peers whose names start so, e.g. 'flex' (a row says so)")
     args = parser.parse_args()
     torch.manual_seed(0)
     cases = [  # (label, batch, sq, sk, window, q_start)
@@ -134,6 +137,11 @@ def main() -> None:
     ]
     if args.quick:
         cases = cases[:1] + cases[3:4] + cases[5:6]
+    if args.cases:
+        unknown = set(args.cases) - {c[0] for c in cases}
+        if unknown:
+            parser.error(f"unknown case(s) {sorted(unknown)}; known: {[c[0] for c in cases]}")
+        cases = [c for c in cases if c[0] in args.cases]
     copy_bw = copy_bandwidth()
     head = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {torch.cuda.get_device_name()}, "
             f"torch {torch.__version__}, triton {triton.__version__}; bf16, {HQ} q / {HKV} kv heads, head_dim {D}; "
@@ -158,6 +166,9 @@ def main() -> None:
             "eager (transformers' math)": (lambda q, k, v, s: eager(q, k, v, s, window, q_start))
                 if b * HQ * sq * sk <= 64 * 8192 * 8192 else None,
         }
+        for name in peers:
+            if any(name.startswith(prefix) for prefix in args.skip):
+                peers[name] = "left out of this run (--skip)"
         for name, fn in peers.items():
             for backward in (False, True):
                 if fn is None and "CUDA graph" in name:

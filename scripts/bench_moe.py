@@ -13,6 +13,8 @@ peers per (E, T) (graph replays where the implementation captures, else per call
     python scripts/bench_moe.py --out reports/moe-bench.md [--experts 32 128] [--tokens 1 16 256 4096 16384]
     python scripts/bench_moe.py --sweep     # time candidate tile shapes instead (SWEEP below)
     python scripts/bench_moe.py --profile   # device time of each of our kernels (torch.profiler)
+    python scripts/bench_moe.py --backward --experts 32 --tokens 4096   # forward vs forward + backward
+    python scripts/bench_moe.py --dry-run [--backward|--sweep|--profile]  # CPU, Triton interpreter, tiny
 """
 from __future__ import annotations
 
@@ -22,8 +24,12 @@ import os
 import sys
 import time
 
-import torch
-import triton
+DRY = "--dry-run" in sys.argv  # CPU under the Triton interpreter at tiny sizes: checks the script, times nothing
+if DRY:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch  # noqa: E402
+import triton  # noqa: E402
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -32,25 +38,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import copy_bandwidth  # noqa: E402
 from gptoss_verify.kernels import moe as kmoe  # noqa: E402
 
-H = I = 2880
+DEV = "cpu" if DRY else "cuda"
+DT = torch.float16 if DRY else torch.bfloat16  # the interpreter misreads bf16 on the CPU
+H = I = 64 if DRY else 2880
 K = 4
 ALPHA, LIMIT = 1.702, 7.0
 BANDWIDTH = [0.0]  # bytes/s: the copy bandwidth, measured at the start of the run (main)
 
 
 def layer(experts, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEV).manual_seed(seed)
 
     def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, device="cuda") * std).bfloat16()
+        return (torch.randn(*shape, generator=g, device=DEV) * std).to(DT)
 
     w = dict(rw=rnd(experts, H, std=H ** -0.5), rb=rnd(experts, std=0.5),
              gu=rnd(experts, H, 2 * I, std=5.0 * H ** -0.5), gub=rnd(experts, 2 * I),
              dn=rnd(experts, I, H, std=0.5 * I ** -0.5), dnb=rnd(experts, H, std=0.5))
-    w["gb"] = torch.randint(0, 256, (experts, 2 * I, H // 32, 16), generator=g, device="cuda", dtype=torch.uint8)
-    w["gs"] = torch.randint(122, 124, (experts, 2 * I, H // 32), generator=g, device="cuda", dtype=torch.uint8)
-    w["db"] = torch.randint(0, 256, (experts, H, I // 32, 16), generator=g, device="cuda", dtype=torch.uint8)
-    w["ds"] = torch.randint(117, 119, (experts, H, I // 32), generator=g, device="cuda", dtype=torch.uint8)
+    w["gb"] = torch.randint(0, 256, (experts, 2 * I, H // 32, 16), generator=g, device=DEV, dtype=torch.uint8)
+    w["gs"] = torch.randint(122, 124, (experts, 2 * I, H // 32), generator=g, device=DEV, dtype=torch.uint8)
+    w["db"] = torch.randint(0, 256, (experts, H, I // 32, 16), generator=g, device=DEV, dtype=torch.uint8)
+    w["ds"] = torch.randint(117, 119, (experts, H, I // 32), generator=g, device=DEV, dtype=torch.uint8)
     return w
 
 
@@ -62,11 +70,23 @@ def ours(w, h, fmt, config=None):
                          LIMIT, I, True, config)
 
 
+def sync():
+    if not DRY:
+        torch.cuda.synchronize()
+
+
 def time_events(fn):
+    if DRY:  # two calls, host clock: proves the call runs, measures nothing
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     return triton.testing.do_bench(fn, warmup=20, rep=80, return_mode="median")
 
 
 def time_graph(fn, reps=20):
+    if DRY:
+        raise RuntimeError("no CUDA graphs in a CPU dry run")
     fn()
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -90,8 +110,9 @@ def time_graph(fn, reps=20):
     return sorted(times)[len(times) // 2]
 
 
-def hf_mlp(experts, w, impl):
-    """transformers' GptOssMLP holding our tensors (no copies), with the named experts implementation."""
+def hf_mlp(experts, w, impl, train=False):
+    """transformers' GptOssMLP holding our tensors (no copies), with the named experts implementation
+    (`train`: its parameters require gradients)."""
     from transformers import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
     cfg = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=experts, num_experts_per_tok=K,
@@ -100,11 +121,11 @@ def hf_mlp(experts, w, impl):
     cfg._experts_implementation = impl
     with torch.device("meta"):
         mlp = GptOssMLP(cfg)
-    mlp.router.weight = torch.nn.Parameter(w["rw"], requires_grad=False)
-    mlp.router.bias = torch.nn.Parameter(w["rb"], requires_grad=False)
+    mlp.router.weight = torch.nn.Parameter(w["rw"], requires_grad=train)
+    mlp.router.bias = torch.nn.Parameter(w["rb"], requires_grad=train)
     for name, key in (("gate_up_proj", "gu"), ("gate_up_proj_bias", "gub"), ("down_proj", "dn"),
                       ("down_proj_bias", "dnb")):
-        setattr(mlp.experts, name, torch.nn.Parameter(w[key], requires_grad=False))
+        setattr(mlp.experts, name, torch.nn.Parameter(w[key], requires_grad=train))
     return mlp
 
 
@@ -114,7 +135,7 @@ def grouped_gemms(w, idx, h):
     order = flat.argsort(stable=True)
     x = h[order // K].contiguous()
     offs = torch.bincount(flat, minlength=w["gu"].shape[0]).cumsum(0).to(torch.int32)
-    act = torch.empty(x.shape[0], I, device="cuda", dtype=torch.bfloat16).normal_()
+    act = torch.empty(x.shape[0], I, device=DEV, dtype=DT).normal_()
 
     def fn():
         torch._grouped_mm(x, w["gu"], offs=offs)
@@ -166,7 +187,7 @@ def bench(args, flush, bandwidth):
                 mlps[impl] = f"failed to build: {type(exc).__name__}: {exc}"[:160]
                 print(f"transformers {impl}: {mlps[impl]}", flush=True)
         for t in args.tokens:
-            h = torch.randn(t, H, device="cuda").bfloat16()
+            h = torch.randn(t, H, device=DEV).to(DT)
             idx = ours(w, h, "bf16")[2]
             touched = int(torch.unique(idx).numel())
             best = {}  # implementation -> (ms, how timed) for the summary
@@ -194,7 +215,7 @@ def bench(args, flush, bandwidth):
                                 gms = time_graph(fn)
                             except Exception as exc:  # a peer that does not capture: keep its per-call time
                                 print(f"{impl} {fmt} E={e} T={t}: no graph: {type(exc).__name__}: {exc}", flush=True)
-                                torch.cuda.synchronize()
+                                sync()
                             else:
                                 rows.append(row(impl + " (graph)", fmt, e, t, gms, touched, bandwidth))
                                 best[key] = (gms, "graph")
@@ -207,7 +228,7 @@ def bench(args, flush, bandwidth):
             summary.append((e, t, touched, best))
             flush(rows, summary)
         del w, mlps
-        torch.cuda.empty_cache()
+        empty_cache()
     return rows, summary
 
 
@@ -245,16 +266,16 @@ def profile(args):
     for e in args.experts:
         w = layer(e)
         for t in args.tokens:
-            h = torch.randn(t, H, device="cuda").bfloat16()
+            h = torch.randn(t, H, device=DEV).to(DT)
             for fmt in ("bf16", "mxfp4"):
                 with torch.no_grad():
                     for _ in range(3):
                         ours(w, h, fmt)
-                    torch.cuda.synchronize()
+                    sync()
                     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
                         for _ in range(20):
                             ours(w, h, fmt)
-                        torch.cuda.synchronize()
+                        sync()
                 total = 0.0
                 for ev in prof.key_averages():
                     us = ev.device_time_total / 20 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 20
@@ -265,7 +286,7 @@ def profile(args):
                 lines.append([e, t, fmt, "sum of kernels", f"{total:.1f}"])
                 print(tabulate(lines[-8:], tablefmt="plain"), flush=True)
         del w
-        torch.cuda.empty_cache()
+        empty_cache()
     return tabulate(lines, headers=["E", "T", "experts", "kernel", "us per call"], tablefmt="github")
 
 
@@ -291,10 +312,10 @@ def sweep(args, flush, bandwidth):
     for (fmt, e, t), configs in SWEEP.items():
         if e not in layers:
             layers.clear()
-            torch.cuda.empty_cache()
+            empty_cache()
             layers[e] = layer(e)
         w = layers[e]
-        h = torch.randn(t, H, device="cuda").bfloat16()
+        h = torch.randn(t, H, device=DEV).to(DT)
         ref = ours(w, h, fmt, configs[0])[0].float()
         touched = int(torch.unique(ours(w, h, fmt)[2]).numel())
         for cfg in configs:
@@ -313,8 +334,75 @@ def sweep(args, flush, bandwidth):
     return rows
 
 
+def empty_cache():
+    if not DRY:
+        torch.cuda.empty_cache()
+
+
+TRAINABLE = {"bf16": ("h", "rw", "rb", "gu", "gub", "dn", "dnb"),  # every input
+             "mxfp4": ("h", "rw", "rb", "gub", "dnb")}              # MXFP4 experts are frozen
+
+
+def backward(args, flush, bandwidth):
+    """Forward against forward + backward, per call (CUDA events): ours with bf16 experts (gradients of
+    every input) and MXFP4 experts (frozen: gradients of h, the router and the biases), and transformers'
+    grouped_mm experts through autograd. The loss is Σ out · G; the ratio is to the inference forward."""
+    rows = []
+    for e in args.experts:
+        w = layer(e)
+        for t in args.tokens:
+            h = torch.randn(t, H, device=DEV).to(DT)
+            grad = torch.randn(t, H, device=DEV).to(DT)
+            for fmt in ("bf16", "mxfp4"):
+                leaves = {n: (h if n == "h" else w[n]).detach().clone().requires_grad_(True) for n in TRAINABLE[fmt]}
+
+                def call(x=leaves, fmt=fmt):
+                    if fmt == "bf16":
+                        return kmoe.fused_moe(x["h"], x["rw"], x["rb"], x["gu"], x["gub"], x["dn"], x["dnb"], k=K,
+                                              alpha=ALPHA, limit=LIMIT)
+                    return kmoe.fused_moe_mxfp4(x["h"], x["rw"], x["rb"], w["gb"], w["gs"], x["gub"], w["db"], w["ds"],
+                                                x["dnb"], k=K, alpha=ALPHA, limit=LIMIT)
+                rows += timed_backward(f"ours {fmt}", e, t, lambda fmt=fmt: ours(w, h, fmt), call, leaves, grad)
+                flush(rows)
+            try:
+                mlp = hf_mlp(e, {n: x.detach().clone() for n, x in w.items()}, "grouped_mm", train=True)
+                x = h.detach().clone().requires_grad_(True)
+                params = {"h": x, **dict(mlp.named_parameters())}
+                rows += timed_backward("transformers grouped_mm", e, t, lambda: mlp(h[None]),
+                                       lambda: mlp(x[None]), params, grad[None])
+            except Exception as exc:  # a peer that cannot run: its row says why
+                rows.append(["transformers grouped_mm", e, t, f"failed: {type(exc).__name__}: {exc}"[:160]] + [""] * 3)
+            flush(rows)
+            print("  ", rows[-4:], flush=True)
+        del w
+        empty_cache()
+    return rows
+
+
+def timed_backward(name, e, t, infer, call, leaves, grad):
+    """[name, E, T, forward ms (inference), forward under autograd ms, forward + backward ms, ratio]."""
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    def step():
+        for x in leaves.values():
+            x.grad = None
+        first(call()).backward(grad)
+    with torch.no_grad():
+        fwd = time_events(infer)
+    fwd_grad = time_events(call)
+    both = time_events(step)
+    missing = [n for n, x in leaves.items() if x.grad is None]
+    note = f" (no gradient reached {', '.join(missing)})" if missing else ""
+    return [[name + note, e, t, f"{fwd:.3f}", f"{fwd_grad:.3f}", f"{both:.3f}", f"{both / fwd:.2f}"]]
+
+
 def header(bandwidth):
     import transformers
+    if DRY:
+        return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, CPU DRY RUN under the Triton "
+                f"interpreter (no numbers to read), torch {torch.__version__}, triton {triton.__version__}, "
+                f"transformers {transformers.__version__}, H = I = {H}, top-{K}")
     props = torch.cuda.get_device_properties(0)
     return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {props.name} "
             f"({props.multi_processor_count} SMs), torch {torch.__version__}, triton {triton.__version__}, "
@@ -338,17 +426,25 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-budget", type=float, default=150.0, help="seconds")
     p.add_argument("--profile", action="store_true", help="device time per kernel of ours instead")
+    p.add_argument("--backward", action="store_true", help="forward against forward + backward instead")
+    p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, H = I = 64: check the script")
     p.add_argument("--out", help="markdown file to write (atomically)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_moe: needs a CUDA GPU", file=sys.stderr)
+    if not torch.cuda.is_available() and not DRY:
+        print("bench_moe: needs a CUDA GPU (or --dry-run)", file=sys.stderr)
         return 2
-    bandwidth = copy_bandwidth()
+    if DRY:
+        args.experts = [min(e, 8) for e in args.experts]
+        args.tokens = [min(t, 40) for t in args.tokens]
+    bandwidth = 1e11 if DRY else copy_bandwidth()
     head = header(bandwidth)
     print(head, flush=True)
     cols = ["implementation", "experts", "E", "T", "ms", "TFLOP/s", "floor ms", "floor/ms"]
     if args.sweep:
         cols = cols + ["rel err vs first"]
+    if args.backward:
+        cols = ["implementation", "E", "T", "fwd ms (inference)", "fwd ms (autograd)", "fwd+bwd ms",
+                "fwd+bwd / fwd"]
 
     def flush(rows, summary=None):
         """Rewrite the tables after every step, so a cut-off run still leaves them."""
@@ -366,6 +462,8 @@ def main(argv=None) -> int:
             write(args.out, text)
     elif args.sweep:
         text = flush(sweep(args, flush, bandwidth))
+    elif args.backward:
+        text = flush(backward(args, flush, bandwidth))
     else:
         text = flush(*bench(args, flush, bandwidth))
     print(text, flush=True)

@@ -96,6 +96,61 @@ def run_all(layer, dtype, mx=None):
     return fused, ref, truth
 
 
+DENSE_INPUTS = ("h", "router_weight", "router_bias", "gate_up", "gate_up_bias", "down", "down_bias")
+FROZEN_EXPERTS = ("h", "router_weight", "router_bias", "gate_up_bias", "down_bias")  # MXFP4: experts frozen
+
+
+def check_gradient_truth_rule(layer, dtype, mx=None, label="", seed=0):
+    """The 2x rule on the gradient of every trainable input (MXFP4: h, the router and the biases): the
+    fused backward and the reference path's autograd in `dtype`, each against the float64 truth's
+    autograd on the same inputs. The loss Σ out·G + Σ weights·G_w[expert] + Σ logits·G_l puts zero
+    upstream gradient on the outputs and weights of tokens whose expert set differs among the three
+    (near-ties, left out as in the forward rule), so those tokens reach no expert gradient on any side;
+    G_w is indexed by expert, so the order within a set does not matter. Returns the numbers."""
+    low = [None if x is None else x.to(dtype) for x in layer]  # MXFP4: gate_up, down from mx
+    if mx is None:
+        wide = [x.double() for x in low]
+        trainable = DENSE_INPUTS
+    else:
+        low[3], low[5] = mxfp4.to_hf_dense(mx[0], mx[1], dtype), mxfp4.to_hf_dense(mx[2], mx[3], dtype)
+        wide = [x.double() for x in low]
+        wide[3], wide[5] = mxfp4.to_hf_dense(mx[0], mx[1], torch.float64), mxfp4.to_hf_dense(mx[2], mx[3], torch.float64)
+        trainable = FROZEN_EXPERTS
+
+    def leaves(xs):
+        return {n: x.detach().clone().requires_grad_(n in trainable) for n, x in zip(DENSE_INPUTS, xs)}
+
+    fused_in, ref_in, truth_in = leaves(low), leaves(low), leaves(wide)
+    f = fused_in
+    if mx is None:
+        fused = fused_moe(*f.values(), k=4, alpha=ALPHA, limit=LIMIT)
+    else:
+        fused = fused_moe_mxfp4(f["h"], f["router_weight"], f["router_bias"], mx[0], mx[1], f["gate_up_bias"], mx[2],
+                                mx[3], f["down_bias"], k=4, alpha=ALPHA, limit=LIMIT)
+    ref = moe(*ref_in.values(), k=4, alpha=ALPHA, limit=LIMIT)
+    truth = moe(*truth_in.values(), k=4, alpha=ALPHA, limit=LIMIT)
+    agree = same_expert_set(fused[2], truth[2]) & same_expert_set(ref[2], truth[2])
+    share = agree.double().mean().item()
+    assert verdict("moe-kernel-routing", dtype, share).passed, f"{label}: top-k sets agree on only {share:.3f}"
+    t, hid = low[0].shape
+    e = low[1].shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    keep = agree.cpu().double()[:, None]
+    g_out = torch.randn(t, hid, generator=gen, dtype=torch.float64) * keep
+    g_w = torch.randn(t, e, generator=gen, dtype=torch.float64) * keep
+    g_l = torch.randn(t, e, generator=gen, dtype=torch.float64)
+    for (out, logits, idx, weights), x in ((fused, low[0]), (ref, low[0]), (truth, wide[0])):
+        upstream = [g.to(device=x.device, dtype=x.dtype) for g in (g_out, g_w, g_l)]
+        ((out * upstream[0]).sum() + (weights * upstream[1].gather(1, idx)).sum()
+         + (logits * upstream[2]).sum()).backward()
+    numbers = {"agree": share}
+    for name in trainable:
+        v = check("moe-kernel-grad", dtype, fused_in[name].grad, truth_in[name].grad, ref_in[name].grad)
+        numbers[name] = (v.error, v.reference)
+        assert v.passed, f"{label} d{name}: {v}"
+    return numbers
+
+
 DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -198,6 +253,21 @@ def test_backward_runs_through_the_reference():
     for name, a, b in zip(("h", "router_weight", "router_bias", "gate_up", "gate_up_bias", "down", "down_bias"),
                           leaves_f, leaves_r):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", ["dense", "mxfp4"])
+def test_backward_gradient_truth_rule(fmt, dtype):
+    """The fused backward (dact with the clamped-SwiGLU derivative, expert weight and bias gradients, dX,
+    the router backward) passes the 2x rule against the float64 truth on every input's gradient."""
+    layer = make_layer(37, 64, 96, 8, seed=21)
+    assert clamp_share(*(layer[i] for i in (0, 3, 4))) > 0.05
+    mx = None
+    if fmt == "mxfp4":
+        gb, gs = mxfp4.from_hf_dense(layer[3].cpu())
+        db, ds = mxfp4.from_hf_dense(layer[5].cpu())
+        mx = tuple(x.to(DEVICE) for x in (gb, gs, db, ds))
+    check_gradient_truth_rule(layer, dtype, mx, f"backward {fmt} {dtype}", seed=3)
 
 
 @pytest.mark.parametrize("bad, message", [

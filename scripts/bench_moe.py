@@ -260,8 +260,11 @@ def summary_table(summary, bandwidth):
 
 
 def profile(args):
-    """Device time per kernel of our forward (torch.profiler, 20 calls each), to place the time."""
+    """Device time per kernel of our forward (torch.profiler, 20 calls each), to place the time;
+    with --backward, of forward + backward with bf16 experts (every input's gradient)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
+    if args.backward:
+        return profile_backward(args, ProfilerActivity, torch_profile)
     lines = []
     for e in args.experts:
         w = layer(e)
@@ -285,6 +288,40 @@ def profile(args):
                     lines.append([e, t, fmt, ev.key[:60], f"{us:.1f}"])
                 lines.append([e, t, fmt, "sum of kernels", f"{total:.1f}"])
                 print(tabulate(lines[-8:], tablefmt="plain"), flush=True)
+        del w
+        empty_cache()
+    return tabulate(lines, headers=["E", "T", "experts", "kernel", "us per call"], tablefmt="github")
+
+
+def profile_backward(args, activity, torch_profile):
+    lines = []
+    for e in args.experts:
+        w = layer(e)
+        for t in args.tokens:
+            x = {n: (torch.randn(t, H, device=DEV).to(DT) if n == "h" else w[n]).detach().clone().requires_grad_(True)
+                 for n in TRAINABLE["bf16"]}
+            grad = torch.randn(t, H, device=DEV).to(DT)
+
+            def step():
+                for v in x.values():
+                    v.grad = None
+                kmoe.fused_moe(x["h"], x["rw"], x["rb"], x["gu"], x["gub"], x["dn"], x["dnb"], k=K, alpha=ALPHA,
+                               limit=LIMIT)[0].backward(grad)
+            for _ in range(3):
+                step()
+            sync()
+            with torch_profile(activities=[activity.CUDA]) as prof:
+                for _ in range(10):
+                    step()
+                sync()
+            total = 0.0
+            for ev in prof.key_averages():
+                us = (ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total) / 10
+                if us > 0:
+                    total += us
+                    lines.append([e, t, "bf16 fwd+bwd", ev.key[:60], f"{us:.1f}"])
+            lines.append([e, t, "bf16 fwd+bwd", "sum of kernels", f"{total:.1f}"])
+            print(tabulate(lines[-14:], tablefmt="plain"), flush=True)
         del w
         empty_cache()
     return tabulate(lines, headers=["E", "T", "experts", "kernel", "us per call"], tablefmt="github")

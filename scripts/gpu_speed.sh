@@ -13,6 +13,7 @@
 #   moe        scripts/bench_moe.py: E = 32, 128 x T = 1, 16 (CUDA graph), 4096, with the peers
 #   moebwd     scripts/bench_moe.py --backward: forward against forward + backward, E = 32, T = 4096
 #   moeprofile scripts/bench_moe.py --profile: device time per kernel of ours, E = 32, 128 x T = 1, 16, 4096
+#   moebwdprofile  the same for forward + backward (bf16 experts), E = 32, T = 4096
 #   attention  scripts/bench_attention.py: the cases of issue 19 with FlashAttention-4 (flex left out: its
 #              compile per case costs minutes of device time; its rows are in reports/gpu-2026-12-02-h200)
 set -u -o pipefail
@@ -67,6 +68,9 @@ for s in "$@"; do
     moeprofile)
       TAIL=4 step moe-profile ${MOEPROF_S:-120} python3 scripts/bench_moe.py --profile --experts 32 128 \
         --tokens 1 16 4096 --out "$RES/moe-profile.md" ;;
+    moebwdprofile)
+      TAIL=16 step moe-backward-profile ${MOEBWDPROF_S:-90} python3 scripts/bench_moe.py --profile --backward \
+        --experts 32 --tokens 4096 --out "$RES/moe-backward-profile.md" ;;
     attention)
       TAIL=60 step attention-bench ${ATTN_S:-360} python3 scripts/bench_attention.py --skip flex \
         --cases "causal S=4096" "causal S=16384" "window 128 S=4096" "window 128 S=65536" \

@@ -75,7 +75,7 @@ def judge_row(name, case: Case, baseline=None, with_probes: bool = True) -> Row:
     except SubjectError as err:
         return Row(subject.name, dtype, ERROR, str(err))
     probes = probes_module() if with_probes else None
-    results = list(probes.run_probes(subject, case.dtype)) if probes is not None else []
+    results = list(probes.run_probes(subject, case.dtype, device=case.device)) if probes is not None else []
     return Row(subject.name, dtype, JUDGED, verdict=verdict, probes=results)
 
 

@@ -493,7 +493,9 @@ def _failed(p: Probe, dtype, why: str) -> ProbeResult:
     return ProbeResult(p.name, p.feature, False, math.inf, math.nan, note=why)
 
 
-def run_probe(subject, name: str, dtype: torch.dtype) -> ProbeResult:
+def run_probe(subject, name: str, dtype: torch.dtype, device: str = "cpu") -> ProbeResult:
+    """One probe on `subject`, which runs its case on `device` (the truth and our reference run on the
+    CPU, where the subject's logits are brought)."""
     p = PROBES[name]
     dname = str(dtype).removeprefix("torch.")
     if dname not in subject.precisions:
@@ -503,10 +505,11 @@ def run_probe(subject, name: str, dtype: torch.dtype) -> ProbeResult:
         return _not_applicable(p, pc.not_applicable)
     if p.decode and not callable(getattr(subject, "decode", None)):
         return _not_applicable(p, f"{subject.name} has no decode(case, prefill) (no KV cache exposed)")
+    case = pc.case if pc.case.device == device else dataclasses.replace(pc.case, device=device)
     try:
-        got = validate_output(subject.run(pc.case), pc.case, where=f"subject {subject.name}").logits.cpu()
+        got = validate_output(subject.run(case), case, where=f"subject {subject.name}").logits.cpu()
         if p.decode:
-            dec = validate_output(subject.decode(pc.case, pc.prefill), pc.case,
+            dec = validate_output(subject.decode(case, pc.prefill), case,
                                   where=f"subject {subject.name} decode").logits.cpu()
     except SubjectUnavailable as err:
         return _not_applicable(p, str(err))
@@ -524,9 +527,9 @@ def run_probe(subject, name: str, dtype: torch.dtype) -> ProbeResult:
     return ProbeResult(p.name, p.feature, v.passed, v.error, v.bound, verdict=v)
 
 
-def run_probes(subject, dtype: torch.dtype, names=None) -> list[ProbeResult]:
-    """Every probe (or those named) on `subject` in `dtype`."""
-    return [run_probe(subject, n, dtype) for n in (names or PROBES)]
+def run_probes(subject, dtype: torch.dtype, names=None, device: str = "cpu") -> list[ProbeResult]:
+    """Every probe (or those named) on `subject` in `dtype`, the subject running on `device`."""
+    return [run_probe(subject, n, dtype, device) for n in (names or PROBES)]
 
 
 def failing_features(results: list[ProbeResult]) -> set[str]:

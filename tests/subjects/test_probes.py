@@ -179,3 +179,22 @@ def test_matrix_row_names_the_feature():
     assert "probe window-long: FAIL — the feature at fault: sliding window" in text
     assert "probes not applicable" in text and "decode" in text
     assert dataclasses.asdict(row.probes[0])["name"] == "sinks-small"
+
+
+def test_probes_run_the_subject_on_the_matrix_device():
+    """`matrix --device cuda` runs the probes' subjects there too (their cases are built on the CPU; the
+    truth stays there): the subject is handed the probe's case on the device asked for."""
+    from gptoss_verify.subjects.protocol import SubjectUnavailable
+
+    class Recorder:
+        name, precisions, points = "recorder", ("float32",), ()
+        seen = []
+
+        def run(self, case):
+            self.seen.append(case.device)
+            raise SubjectUnavailable("recorder: records the device only")
+
+    subject = Recorder()
+    results = probes.run_probes(subject, torch.float32, names=["sinks-small", "clamp-upper"], device="cuda:3")
+    assert subject.seen == ["cuda:3", "cuda:3"]
+    assert all(not r.applicable for r in results)

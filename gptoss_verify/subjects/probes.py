@@ -515,6 +515,8 @@ def run_probe(subject, name: str, dtype: torch.dtype, device: str = "cpu") -> Pr
         return _not_applicable(p, str(err))
     except SubjectError as err:  # NaN, infinity, wrong shapes: the feature failed outright
         return _failed(p, dtype, str(err))
+    except Exception as err:  # noqa: BLE001 - a subject that raises fails the probe, named; the matrix goes on
+        return _failed(p, dtype, f"{subject.name} raised {type(err).__name__}: {str(err).strip()[:300]}")
     base = _baseline(name, dtype)
     if p.decode:  # decode equals prefill: the subject's gap, against our reference's gap
         ours_dec, ours_pre = base

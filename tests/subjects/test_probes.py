@@ -198,3 +198,19 @@ def test_probes_run_the_subject_on_the_matrix_device():
     results = probes.run_probes(subject, torch.float32, names=["sinks-small", "clamp-upper"], device="cuda:3")
     assert subject.seen == ["cuda:3", "cuda:3"]
     assert all(not r.applicable for r in results)
+
+
+def test_a_subject_that_raises_fails_the_probe_by_name():
+    """A subject whose own library raises on a probe's case (seen: transformers' flex_attention through
+    Inductor on the GPU) fails that probe with the exception named; the other probes still run."""
+    class Raising:
+        name, precisions, points = "raising", ("float32",), ()
+
+        def run(self, case):
+            if case.offset > 0:  # yarn-long's case alone starts past position 0
+                raise RuntimeError("NoValidChoicesError: No choices to select")
+            return resolve("reference").run(case)
+
+    results = {r.name: r for r in probes.run_probes(Raising(), torch.float32, names=["yarn-long", "clamp-upper"])}
+    assert not results["yarn-long"].passed and "RuntimeError: NoValidChoicesError" in results["yarn-long"].note
+    assert results["clamp-upper"].passed

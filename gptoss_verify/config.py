@@ -172,6 +172,9 @@ class ModelSpec:
             swiglu_limit=_number(cfg.get("swiglu_limit", 7.0), "swiglu_limit"),
             rms_norm_eps=_number(cfg.get("rms_norm_eps", 1e-5), "rms_norm_eps"),
             max_position_embeddings=cfg.get("max_position_embeddings", 131072), name=name)
+        if isinstance(layer_types, list) and len(layer_types) != spec.num_layers:
+            raise ConfigError(f"layer_types: expected one entry per layer ({spec.num_layers}, num_hidden_layers), "
+                              f"got {len(layer_types)}")
         if layer_types is not None and (not isinstance(layer_types, list) or layer_types != spec.layer_types):
             shown = layer_types[:4] if isinstance(layer_types, list) else layer_types
             raise ConfigError("layer_types: expected even layers sliding and odd layers full "
@@ -225,18 +228,29 @@ class ModelSpec:
         return cls(**data)
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` of the JSON we read: a key given twice is refused (Python keeps the last
+    value, other readers the first, so the file means two things)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"field {key!r} appears twice")
+        out[key] = value
+    return out
+
+
 def _load_json(cfg: dict[str, Any] | str | Path) -> dict[str, Any]:
     if isinstance(cfg, dict):
         return cfg
     path = Path(cfg)
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(), object_pairs_hook=unique_keys)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        raise ConfigError("config file not found") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, a key given twice
+        raise ConfigError(f"not valid JSON ({err})") from None
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+        raise ConfigError(f"expected a JSON object, got {type(cfg).__name__}")
     return cfg
 
 

@@ -1,7 +1,7 @@
 """Shared fixtures, marks and hypothesis profiles.
 
 Profiles: `ci` (derandomized, bounded, no deadline; the default) and `thorough` (many more
-examples), chosen with GPTOSS_HYPOTHESIS_PROFILE=thorough. A failing example is printed as the
+examples: 500, or GPTOSS_HYPOTHESIS_EXAMPLES), chosen with GPTOSS_HYPOTHESIS_PROFILE=thorough. A failing example is printed as the
 call's arguments ("Falsifying example: test_x(a=..., b=...)"), which paste into `@example(...)`.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, max_examples=25, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True,
+settings.register_profile("thorough", max_examples=int(os.environ.get("GPTOSS_HYPOTHESIS_EXAMPLES", 500)), deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("GPTOSS_HYPOTHESIS_PROFILE", "ci"))
 

@@ -200,6 +200,28 @@ def _reorder(ctx: Context) -> list[Candidate]:
     return [Candidate(name, detail, op(ctx.a_dense)) for name, detail, op in _transpose_ops(ctx)]
 
 
+def _some_experts(ctx: Context) -> list[Candidate]:
+    """A reordering applied to some experts only (a converter looping over per-expert tensors that
+    handles some differently): each reordering tried on the experts that differ, the rest kept."""
+    a, b = ctx.a_dense, ctx.b_dense
+    if not ctx.kind.startswith("mlp.experts.") or not ctx.same_shape or a.dim() < 2 or a.shape[0] < 2:
+        return []
+    differ = (a != b).reshape(a.shape[0], -1).any(dim=1)
+    moved = differ.nonzero().flatten()
+    if not 0 < moved.numel() < a.shape[0]:
+        return []
+    out = []
+    for name, detail, op in _transpose_ops(ctx):
+        changed = op(a[moved])
+        if changed.shape != a[moved].shape:
+            continue
+        values = a.clone()
+        values[moved] = changed
+        out.append(Candidate(name, f"on {moved.numel()} of {a.shape[0]} experts ({_ranges(moved.tolist())}), the "
+                             f"others unchanged: {detail}", values))
+    return out
+
+
 def _slices(ctx: Context) -> list[tuple[str, int, Callable[[torch.Tensor], torch.Tensor], Callable]]:
     """(transform, count, tensor -> [count, -1] slices, (tensor, perm) -> permuted tensor)."""
     kind, spec = ctx.kind, ctx.spec_a
@@ -330,7 +352,7 @@ def _factor(ctx: Context) -> list[Candidate]:
     return out
 
 
-PROBES: tuple[Probe, ...] = (_vocab, _mxfp4_bytes, _reorder, _permutations, _sign_flips, _factor)
+PROBES: tuple[Probe, ...] = (_vocab, _mxfp4_bytes, _reorder, _permutations, _some_experts, _sign_flips, _factor)
 
 
 # ---- across the q, k, v projections of one layer ----------------------------------------------------

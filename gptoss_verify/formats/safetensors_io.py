@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import unique_keys
 from .errors import CheckpointError
 from .fileio.partials import open_output
 from .tensor_ops import contiguous
@@ -83,7 +84,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
         if not isinstance(header, dict):
             raise ValueError("not a JSON object")
     except (UnicodeDecodeError, ValueError) as err:
@@ -106,13 +107,30 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         if end > data_bytes:
             raise CheckpointError(f"{path}: truncated: tensor {name} ends at data byte {end}, "
                                   f"the file holds {data_bytes} data bytes")
-        spans.append((begin, end))
+        spans.append((begin, end, name))
         tensors[name] = TensorInfo(name, shape, dtype, path, 8 + n + begin)
-    spans.sort()
-    for (_, e0), (b1, _) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: corrupt safetensors header (overlapping tensor data)")
+    check_spans(path, spans, data_bytes)
     return tensors, metadata
+
+
+def check_spans(path: Path, spans: list[tuple[int, int, str]], data_bytes: int) -> None:
+    """The tensors' data must tile the data section exactly, as the safetensors format requires
+    (its reader refuses a hole or trailing bytes with "invalid offset" / "incomplete metadata"):
+    an overlap or a hole means the header and the data disagree, and transformers could not load
+    the file."""
+    at, last = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < at and end > begin:
+            raise CheckpointError(f"{path}: tensor {name}: data [{begin}, {end}) overlaps tensor {last}'s "
+                                  f"(ends at {at})")
+        if begin > at and end > begin:
+            raise CheckpointError(f"{path}: tensor {name}: data starts at byte {begin}, expected {at} (a hole of "
+                                  f"{begin - at} bytes {'after tensor ' + last if last else 'at the start'})")
+        if end > begin:
+            at, last = end, name
+    if at != data_bytes:
+        raise CheckpointError(f"{path}: {data_bytes - at} bytes after the last tensor's data (the header "
+                              f"covers {at} of {data_bytes} data bytes)")
 
 
 class SafetensorsDir:
@@ -140,7 +158,7 @@ class SafetensorsDir:
 
     def _from_index(self) -> None:
         try:
-            index = json.loads(self.index_path.read_text())
+            index = json.loads(self.index_path.read_text(), object_pairs_hook=unique_keys)
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict):
                 raise ValueError("weight_map is not an object")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
+from ..config import unique_keys
 from .protocol import Case, SubjectError, validate_output, split_name
 
 MANIFEST, INPUTS, CHECKPOINT = "manifest.json", "inputs.safetensors", "checkpoint"
@@ -79,7 +80,7 @@ def read_manifest(case_dir: str | Path) -> dict:
     case_dir = Path(case_dir)
     path = case_dir / MANIFEST
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(path.read_bytes(), object_pairs_hook=unique_keys)
     except FileNotFoundError:
         raise SubjectError(f"{case_dir}: no {MANIFEST} (not a case written by `case export`)") from None
     except (OSError, ValueError) as err:

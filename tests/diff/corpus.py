@@ -90,6 +90,33 @@ def swap_heads(i: int, j: int, head_dim: int) -> Fn:
     return fn
 
 
+def cycle_rows(rows: list[int], dim: int = 0) -> Fn:
+    """B[rows[k]] = A[rows[k + 1]] (a cycle, not a swap)."""
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        idx = list(range(t.shape[dim]))
+        for k, r in enumerate(rows):
+            idx[r] = rows[(k + 1) % len(rows)]
+        return t.index_select(dim, torch.tensor(idx))
+    return fn
+
+
+def on_expert(e: int, fn: Fn) -> Fn:
+    """`fn` applied to expert `e`'s slice only."""
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        out[e] = fn(t[e])
+        return out
+    return apply
+
+
+def to_interleaved(t: torch.Tensor) -> torch.Tensor:
+    """[gate | up] halves -> interleaved (gate at even columns)."""
+    half = t.shape[-1] // 2
+    out = torch.empty_like(t)
+    out[..., 0::2], out[..., 1::2] = t[..., :half], t[..., half:]
+    return out
+
+
 def to_halves(t: torch.Tensor) -> torch.Tensor:
     """Interleaved gate/up (gate at even columns) -> [gate | up]."""
     return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1).contiguous()

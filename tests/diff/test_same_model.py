@@ -14,7 +14,8 @@ from .conftest import TINY
 
 
 @pytest.mark.parametrize("a,b", [("mx", "openai"), ("mx", "megatron"), ("mx", "dist"), ("mx", "dequantized"),
-                                 ("openai", "megatron"), ("dist", "dequantized"), ("hf", "hf-megatron")])
+                                 ("openai", "megatron"), ("dist", "dequantized"), ("hf", "hf-megatron"),
+                                 ("openai", "dist"), ("dequantized", "megatron"), ("hf-megatron", "hf")])
 def test_identical_models_in_other_layouts_are_the_same(base, a, b):
     result = diff(base[a], base[b])
     assert result.same_model, [f"{t.name}: {t.status}" for t in result.findings]

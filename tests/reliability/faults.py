@@ -142,8 +142,16 @@ def installed(faults: Faults):
             return real[name](path, *args, **kwargs)
         return call
 
+    def mkdir(path, *args, **kwargs):
+        # the kernel answers a mkdir of an existing path with EEXIST before any space is needed, so
+        # it is no point where a disk can fail (pathlib's mkdir(exist_ok=True) relies on that): it is
+        # an event of its own kind (a point to kill at, numbered as any other), never to fail at
+        if not kwargs.get("dir_fd") and faults.under(path):
+            faults.event("mkdir-existing" if os.path.lexists(path) else "mkdir", path)
+        return real["mkdir"](path, *args, **kwargs)
+
     patches = {(builtins, "open"): open_, (io, "open"): open_, (os, "open"): os_open, (os, "write"): os_write,
-               (os, "mkdir"): simple("mkdir", "mkdir"), (os, "replace"): simple("rename", "replace"),
+               (os, "mkdir"): mkdir, (os, "replace"): simple("rename", "replace"),
                (os, "rename"): simple("rename", "rename"), (os, "unlink"): simple("remove", "unlink"),
                (os, "remove"): simple("remove", "remove"), (os, "rmdir"): simple("remove", "rmdir"),
                (shutil, "rmtree"): simple("remove", "rmtree"), (os, "truncate"): simple("truncate", "truncate")}

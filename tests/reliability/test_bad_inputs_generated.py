@@ -166,7 +166,7 @@ def raw_header(path: Path) -> dict:
 def test_every_mutated_input_ends_cleanly(name, pristine, tmp_path):
     target = TARGETS[name]
     outcomes: Counter = Counter()
-    hows: Counter = Counter()
+    hows: Counter = Counter()  # (mutation kind, outcome) -> inputs
 
     @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                             HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -175,8 +175,10 @@ def test_every_mutated_input_ends_cleanly(name, pristine, tmp_path):
         work = tmp_path / "w"
         src = fresh_copy(pristine[target.layout], work)
         rel, how = data.draw(mutated(target, src), label="mutation")
-        hows[how.split(":")[0]] += 1
+        before = dict(outcomes)
         check_one(target, src, work, f"{rel}: {how}", outcomes, pristine)
+        (outcome,) = [k for k in outcomes if outcomes[k] != before.get(k, 0)]
+        hows[f"{how} -> {outcome}"] += 1
 
     one()
     assert sum(outcomes.values()) >= min(EXAMPLES, 10)

@@ -260,6 +260,8 @@ def atomic_output(dst: str | Path, *, directory: bool) -> Iterator[Path]:
     on any error remove it. An OSError of a write (disk full, I/O error) becomes one `WriteError`
     naming the file."""
     dst = Path(dst)
+    if not directory and dst.is_symlink():  # a file through a link (a report linked into docs/): write its target
+        dst = Path(os.path.realpath(dst))
     try:
         partial = claim(dst, directory=directory)
     except OSError as err:
@@ -281,7 +283,10 @@ def atomic_output(dst: str | Path, *, directory: bool) -> Iterator[Path]:
 def check_destination(dst: str | Path) -> Path:
     """A destination folder must not exist, or be an empty directory."""
     dst = Path(dst)
-    if dst.exists() or dst.is_symlink():
+    if dst.is_symlink():  # the commit renames onto the link itself, which a directory cannot replace
+        raise CheckpointError(f"{dst}: destination is a symbolic link (to {os.readlink(dst)}); give the folder it "
+                              "points to, or a new name")
+    if dst.exists():
         if not dst.is_dir():
             raise CheckpointError(f"{dst}: destination exists and is not a directory")
         if any(dst.iterdir()):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ...config import ConfigError, ModelSpec
+from ...config import ConfigError, ModelSpec, unique_keys
 from ...dtypes import dtype_name
 from ..errors import CheckpointError
 from ..plausible import check_fits
@@ -112,7 +112,7 @@ def read_sidecar(root: Path, iter_dir: Path) -> dict | None:
     for cand in (root / SIDECAR, iter_dir / SIDECAR, iter_dir.parent / SIDECAR):
         if cand.is_file():
             try:
-                meta = json.loads(cand.read_text())
+                meta = json.loads(cand.read_text(), object_pairs_hook=unique_keys)
             except ValueError as err:  # UnicodeDecodeError included
                 raise CheckpointError(f"{cand}: not valid JSON ({err})") from None
             check_sidecar(cand, meta)

@@ -525,7 +525,13 @@ def run_probe(subject, name: str, dtype: torch.dtype, device: str = "cpu") -> Pr
         v = check(ROUNDING, dtype, got, base[0])
     else:
         truth, ref = base
-        v = check(KIND, dtype, got, truth, truth if ref is None else ref)
+        # a floor the subject states about itself for this dtype covers its logits (every floor
+        # starts at a point before them): its kind judges the probe, and the note says so
+        floor = next((f for f in getattr(subject, "floors", ()) if f.dtype == dname), None)
+        v = check(floor.kind if floor else KIND, dtype, got, truth, truth if ref is None else ref)
+        if floor:
+            return ProbeResult(p.name, p.feature, v.passed, v.error, v.bound, verdict=v,
+                               note=f"its own floor, stated: {floor.kind} from {floor.start} on: {floor.why}")
     return ProbeResult(p.name, p.feature, v.passed, v.error, v.bound, verdict=v)
 
 

@@ -74,6 +74,8 @@ def judge_row(name, case: Case, baseline=None, with_probes: bool = True) -> Row:
         return Row(subject.name, dtype, UNAVAILABLE, str(err))
     except SubjectError as err:
         return Row(subject.name, dtype, ERROR, str(err))
+    except Exception as err:  # noqa: BLE001 - a subject that crashes is its row's verdict, not the matrix's end
+        return Row(subject.name, dtype, ERROR, f"the subject raised {type(err).__name__}: {err}"[:400])
     probes = probes_module() if with_probes else None
     results = list(probes.run_probes(subject, case.dtype, device=case.device)) if probes is not None else []
     return Row(subject.name, dtype, JUDGED, verdict=verdict, probes=results)

@@ -182,12 +182,19 @@ def test_matrix_marks_a_broken_subject_and_an_error(monkeypatch):
         def run(self, case):
             return torch.zeros(1)
 
+    class Crashing(Malformed):
+        name = "crashing"
+
+        def run(self, case):
+            raise RuntimeError("Expected all tensors to be on the same device")
+
     module = type(sys)("user_engines")
-    module.broken, module.malformed = BrokenMLP, Malformed
+    module.broken, module.malformed, module.crashing = BrokenMLP, Malformed, Crashing
     monkeypatch.setitem(sys.modules, "user_engines", module)
-    rows = matrix.run(["python:user_engines:broken", "python:user_engines:malformed"], [make_case(seq=8)],
-                      with_probes=False, progress=False)
-    assert [(r.status, r.passed) for r in rows] == [("judged", False), ("error", False)]
+    rows = matrix.run(["python:user_engines:broken", "python:user_engines:malformed", "python:user_engines:crashing"],
+                      [make_case(seq=8)], with_probes=False, progress=False)
+    assert [(r.status, r.passed) for r in rows] == [("judged", False), ("error", False), ("error", False)]
+    assert rows[2].reason == "the subject raised RuntimeError: Expected all tensors to be on the same device"
     text = matrix.to_markdown(matrix.to_json(rows, {}))
     assert "| broken | **FAIL** |" in text and "broken layers.0.mlp_out: FAIL truth" in text
     assert "| malformed | **ERROR**: subject malformed: logits has shape [1]" in text

@@ -59,7 +59,7 @@ def halves_order(n: int) -> torch.Tensor:
 
 def to_halves(interleaved: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """HF's interleaved gate/up along `dim` -> Megatron's `[gate; up]` halves."""
-    return interleaved.index_select(dim, halves_order(interleaved.shape[dim]))
+    return interleaved.index_select(dim, halves_order(interleaved.shape[dim]).to(interleaved.device))
 
 
 def interleave(halves: torch.Tensor, dim: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:

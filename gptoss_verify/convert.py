@@ -142,11 +142,13 @@ def _in_place(src: Path, counter: list[int]):
 
 def convert(src: str | Path, dst: str | Path, to: str, *, tp: int = 1, ep: int = 1, pp: int = 1,
             pad_vocab: bool = False, dequantize: bool = False, mxfp4: bool = False, src_layout: str | None = None,
-            progress: bool = False) -> ConvertResult:
+            megatron_names: str = "te", progress: bool = False) -> ConvertResult:
     """SRC (any layout, detected) -> DST in layout `to`. DST is written atomically. `mxfp4`: write
     the experts of an HF target as MXFP4 even from a dense source (Megatron), quantised with the
     OCP rule: exact for values that came from an OCP-rule encoding, so HF (MXFP4) -> Megatron ->
-    HF with `mxfp4` gives the published layout back, byte for byte."""
+    HF with `mxfp4` gives the published layout back, byte for byte. `megatron_names`: the name set
+    of a `megatron` target, `te` (TransformerEngine's layer spec, Megatron-Bridge's) or `local`
+    (megatron-core's local spec)."""
     src, dst = Path(src), Path(dst)
     check_paths(src, dst)
     if to not in layouts.LAYOUTS:
@@ -159,6 +161,9 @@ def convert(src: str | Path, dst: str | Path, to: str, *, tp: int = 1, ep: int =
     if to == "openai" and dequantize:
         raise CheckpointError("--dequantize: the OpenAI layout holds experts only as MXFP4 (OpenAI's loader "
                               "decodes blocks/scales); dequantize to hf or megatron instead")
+    if megatron_names != "te" and to != "megatron":
+        raise CheckpointError(f"--megatron-names {megatron_names}: only for --to megatron (torch_dist holds "
+                              "the keys of both specs)")
     if mxfp4 and (dequantize or to not in layouts.MXFP4_CAPABLE):
         raise CheckpointError(f"--mxfp4: needs an MXFP4 target (hf, openai) and no --dequantize, got --to {to}")
     target = layouts.module(to)
@@ -175,6 +180,8 @@ def convert(src: str | Path, dst: str | Path, to: str, *, tp: int = 1, ep: int =
             notes.append("MXFP4 experts were decoded to dense weights (exact)")
     else:
         options.update(tp=tp, ep=ep, pp=pp, pad_vocab=pad_vocab)
+        if to == "megatron":
+            options["names"] = megatron_names
         if holds:
             notes.append(f"the {to} layout cannot hold MXFP4: experts were decoded to dense bf16 (exact)")
     counter = [0, 0]

@@ -112,6 +112,12 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+def measure(kind: str, dtype: torch.dtype | str, subject: torch.Tensor, truth: torch.Tensor) -> float:
+    """The kind's measure of `subject` against `truth` alone: for `verdict` on numbers measured
+    against different truths (a subject's decode against its own prefill, ours against ours)."""
+    return MEASURES[kind_of(kind).measure](subject, truth, _dtype(dtype), None, None)
+
+
 def check(kind: str, dtype: torch.dtype | str, subject: torch.Tensor, truth: torch.Tensor,
           reference: torch.Tensor | None = None, *, tokens: torch.Tensor | None = None,
           scale: float | None = None, device: str | torch.device | None = None) -> Verdict:

@@ -47,6 +47,7 @@ KINDS: dict[str, Kind] = {
     "moe-kernel": Kind(TRUTH, "rel L2", "fused MoE (out, router logits, weights) vs the reference path"),
     "moe-kernel-grad": Kind(TRUTH, "rel L2", "fused MoE backward: each input's gradient vs the reference path's autograd"),
     "moe-kernel-routing": Kind(AT_LEAST, "expert set agreement", "fused MoE: tokens whose set agrees with the truth's on both paths"),
+    "probe": Kind(TRUTH, "rel max", "a feature probe: a subject's logits on the probe's crafted case against the truth"),
     "law": Kind(AT_MOST, "rel max (scale ≥ 1)", "a property law: both sides of an identity"),
     "router-float32": Kind(AT_MOST, "rel max", "a subject whose router softmax is float32 in any dtype "
                            "(megatron-core): its float64 points from the first routing on, against the truth"),
@@ -93,6 +94,11 @@ TABLE: dict[tuple[str, str], Tolerance] = {
     (ANY, "moe-kernel"): Tolerance(1e-5, factor=2.0, reason="2x rule on relative L2; floor for float32 summation-order noise"),
     (ANY, "moe-kernel-grad"): Tolerance(1e-5, factor=2.0, reason="2x rule on relative L2, as the forward; floor for float32 summation-order noise"),
     (ANY, "moe-kernel-routing"): Tolerance(0.9, reason="near-tied router logits may be chosen differently; a large majority must agree"),
+    # feature probes (subjects/probes.py): logits of crafted tiny cases
+    (_F64, "probe"): Tolerance(1e-12, factor=2.0, reason="float64 against the float64 truth: summation order only"),
+    (_F32, "probe"): Tolerance(2.0 ** -20, factor=2.0, reason="flash-attention's rule on logits; floor of 8 float32 ulps of the scale"),
+    (_BF16, "probe"): Tolerance(2.0 ** -8, factor=2.0, reason="flash-attention's rule on logits; floor of one bf16 ulp of the scale"),
+    (_F16, "probe"): Tolerance(2.0 ** -10, factor=2.0, reason="flash-attention's rule on logits; floor of one fp16 ulp of the scale"),
     # property laws (tests/properties), relative to max(1, the largest magnitude compared)
     (_F64, "law"): Tolerance(1e-12, reason="float64 laws are exact up to summation order"),
     (_F32, "law"): Tolerance(1e-5, reason="float32: ~80 ulps of summation order through a softmax or matmul"),

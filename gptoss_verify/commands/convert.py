@@ -19,13 +19,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mxfp4", action="store_true",
                    help="hf target: store the experts as MXFP4 even from a dense source (OCP rule; exact for "
                         "values that came from MXFP4, e.g. Megatron back to the published HF layout)")
+    p.add_argument("--megatron-names", choices=("te", "local"), default="te",
+                   help="megatron target: tensor names of TransformerEngine's layer spec (te, the default, as "
+                        "Megatron-Bridge writes) or of megatron-core's local spec (local)")
     options.add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..convert import convert
     r = convert(args.src, args.dst, args.to_layout, tp=args.tp, ep=args.ep, pp=args.pp, pad_vocab=args.pad_vocab,
-                dequantize=args.dequantize, mxfp4=args.mxfp4, progress=True)
+                dequantize=args.dequantize, mxfp4=args.mxfp4, megatron_names=args.megatron_names,
+                progress=True)
     options.write_json(args.json, r)
     print(f"{r.src} ({r.src_layout}) -> {r.dst} ({r.dst_layout}): {r.tensors} tensors, "
           f"{r.bytes_read / 1e9:.3f} GB in {r.seconds:.2f} s ({r.gb_per_s:.2f} GB/s), "

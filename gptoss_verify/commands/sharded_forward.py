@@ -1,7 +1,13 @@
 """`gptoss-verify sharded-forward MEGATRON_DIR --reference HF_DIR`: run the Megatron shards as
 Megatron would (tp·ep·pp processes, each reading only its own file) and compare every layer
 boundary and the logits with the unsharded model. Spawns its processes itself, or runs as one rank
-under torchrun. Exit 1 on any mismatch."""
+under torchrun. Exit 1 on any mismatch.
+
+`--engine megatron-core` runs megatron-core's own GPTModel on the same files instead of our sharded
+forward (`subjects/megatron_core`: its parallel_state over gloo, legacy files loaded with
+`load_state_dict(strict=True)`, torch_dist through `dist_checkpointing.load`) and judges every
+trace point against our float64 truth on the reference, naming the first divergence and the
+Megatron-Core floors that applied."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("megatron_dir", help="a Megatron legacy checkpoint (gptoss-verify convert --to megatron)")
     p.add_argument("--reference", required=True, help="the HF checkpoint it was converted from")
     p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    p.add_argument("--engine", choices=("ours", "megatron-core"), default="ours",
+                   help="whose forward runs on the shards: our sharded model (default) or megatron-core's GPTModel "
+                        "(gloo on the CPU; the grid is the checkpoint's)")
     options.add_dtype(p, default="float64")
     p.add_argument("--seq", type=options.positive_int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--batch", type=options.positive_int, default=2)
@@ -30,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "megatron-core":
+        return run_megatron_core(args)
     cfg = Config([Case(args.megatron_dir, args.reference, args.dtype)], backend=args.backend, seq=args.seq,
                  batch=args.batch, seed=args.seed, timeout_s=args.timeout)
     if under_torchrun():
@@ -76,3 +87,52 @@ def markdown(result: CaseResult, cfg: Config) -> str:
              table([(f"`{r.name}`", r.kind, f"{r.measure:.3g}", f"{r.limit:.3g}", "yes" if r.ok else "NO", r.note)
                     for r in result.rows], ["point", "measure", "value", "limit", "ok", "note"]), ""]
     return "\n".join(lines)
+
+
+def run_megatron_core(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..formats import layout as layouts
+    from ..formats.errors import CheckpointError
+    from ..subjects.judging import judge_output
+    from ..subjects.megatron_core import MegatronCore, ranks
+    from ..subjects.protocol import Case, SubjectUnavailable
+    kind = layouts.detect(args.megatron_dir)
+    if kind not in ("megatron", "megatron-dist"):
+        raise CheckpointError(f"{args.megatron_dir}: not a Megatron checkpoint (detected {kind})")
+    fmt = layouts.module(kind)
+    spec, opts = fmt.read_spec(args.megatron_dir), fmt.options(args.megatron_dir)
+    tp, ep = (opts["tp"], opts["ep"]) if kind == "megatron" else (1, 1)
+    ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
+    dtype = getattr(torch, args.dtype)
+    case = Case(spec, ids, dtype=dtype, checkpoint=args.reference)
+    try:
+        subject = MegatronCore(tp=tp, ep=ep, layout=kind, pad_vocab=opts["pad_vocab"])
+    except SubjectUnavailable as err:
+        raise CheckpointError(str(err)) from None
+    (trace,), redirects, casts = ranks.run([ranks.Job(str(args.megatron_dir), args.dtype)], ids, tp, ep,
+                                           deadline_s=args.timeout)
+    from ..subjects.protocol import Output
+    verdict = judge_output(Output(trace.pop("logits"), trace), case, subject.points, subject.name, floors=subject.floors)
+    bad = verdict.first_failure
+    head = f"megatron-core forward tp={tp} ep={ep} on {kind} {args.dtype}"
+    lines = [f"# {head}", "", f"**Verdict: {'PASS' if bad is None else 'FAIL'}**"
+             + ("" if bad is None else f" — first divergence at `{bad.name}`: {bad.verdict}"), "",
+             "Megatron-Core floors that applied: " + ("; ".join(verdict.floors) or "none"), "",
+             "CUDA placement requests redirected to the CPU (placement only): "
+             + (", ".join(f"{k} ×{n}" for k, n in sorted(redirects.items())) or "none"), "",
+             f"Parameters megatron-core built in another dtype, cast as Float16Module casts them: {len(casts)}", "",
+             table([(f"`{c.name}`", c.verdict.kind, f"{c.verdict.error:.3g}", f"{c.verdict.bound:.3g}",
+                     "yes" if c.verdict.passed else "NO") for c in verdict.cells],
+                   ["point", "kind", "error", "bound", "ok"]), ""]
+    options.write_report(args.report, "\n".join(lines))
+    options.write_json(args.json, {"passed": bad is None, "engine": "megatron-core", "grid": [tp, ep],
+                                   "floors": verdict.floors, "redirects": redirects,
+                                   "cells": {c.name: c.verdict for c in verdict.cells}})
+    for floor in verdict.floors:
+        print(f"note: megatron-core floor: {floor}")
+    if bad is None:
+        print(f"{head}: PASS ({len(verdict.cells)} points judged against the float64 truth)")
+        return 0
+    print(f"{head}: FAIL at {bad.name}: {bad.verdict}", file=sys.stderr)
+    return 1

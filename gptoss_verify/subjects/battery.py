@@ -73,6 +73,10 @@ class Battery:
             if not found:
                 return Outcome("skipped", f"probe {cell} was not run for this subject")
             p = found[0]
+            if not getattr(p, "applicable", True):
+                return Outcome("skipped", f"probe {p.name} (feature: {p.feature}) not applicable: {p.note}")
+            if p.error == float("inf"):
+                return Outcome("failed", f"FAIL probe {p.name} (feature: {p.feature}): {p.note}")
             return Outcome("passed" if p.passed else "failed",
                            f"{'PASS' if p.passed else 'FAIL'} probe {p.name} (feature: {p.feature}): error "
                            f"{p.error:.3g} {'≤' if p.passed else '>'} bound {p.bound:.3g}")

@@ -124,7 +124,8 @@ def to_json(rows: list[Row], meta: dict) -> dict:
             row["cells"] = {c.name: dataclasses.asdict(c.verdict) for c in r.verdict.cells}
             row["not_judged"] = dict(r.verdict.not_judged)
             row["floors"] = list(r.verdict.floors)
-        row["probes"] = {p.name: {"feature": p.feature, "passed": p.passed, "error": p.error, "bound": p.bound}
+        row["probes"] = {p.name: {"feature": p.feature, "passed": p.passed, "error": p.error, "bound": p.bound,
+                                  "applicable": getattr(p, "applicable", True), "note": getattr(p, "note", "")}
                          for p in r.probes}
         out["rows"].append(row)
     return out
@@ -185,7 +186,8 @@ def to_markdown(data: dict, title: str = "GPT-OSS subjects matrix") -> str:
                 cells.append("—" if w is None else _cell(*w))
             for p in probe_cols:
                 pr = r["probes"].get(p)
-                cells.append("—" if pr is None else _cell({"rule": "at most", **pr}))
+                cells.append("—" if pr is None else "n/a" if not pr.get("applicable", True) else
+                             _cell({"rule": "at most", **pr}))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         notes = []
@@ -198,7 +200,11 @@ def to_markdown(data: dict, title: str = "GPT-OSS subjects matrix") -> str:
                                  f"{d['error']:.3g} vs bound {d['bound']:.3g}; {d['reason']}")
             for name, p in r["probes"].items():
                 if not p["passed"]:
-                    notes.append(f"- {r['subject']} probe {name}: FAIL — the feature at fault: {p['feature']}")
+                    why = f" ({p['note']})" if p.get("note") else ""
+                    notes.append(f"- {r['subject']} probe {name}: FAIL — the feature at fault: {p['feature']}{why}")
+            for why in dict.fromkeys(p["note"] for p in r["probes"].values() if not p.get("applicable", True)):
+                which = [n for n, p in r["probes"].items() if not p.get("applicable", True) and p["note"] == why]
+                notes.append(f"- {r['subject']}: probes not applicable, {why}: {', '.join(which)}")
             for floor in r.get("floors", []):
                 notes.append(f"- {r['subject']}: its own floor, stated: {floor}")
             for why in dict.fromkeys(r.get("not_judged", {}).values()):
@@ -240,7 +246,9 @@ def plot(data: dict, path: str | Path) -> None:
     if names:
         width = 0.8 / len(probed)
         for i, r in enumerate(probed):
-            ys = [max(margin({"rule": "at most", **r["probes"][n]}) if n in r["probes"] else 0.0, 1e-6) for n in names]
+            ys = [max(margin({"rule": "at most", **r["probes"][n]})
+                      if n in r["probes"] and r["probes"][n].get("applicable", True) else 0.0, 1e-6) for n in names]
+            ys = [min(y, 1e6) for y in ys]  # a probe that failed outright (NaN logits) is drawn at the top
             right.bar([j + i * width for j in range(len(names))], ys, width, label=f"{r['subject']} ({r['dtype']})")
         right.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=60, ha="right",
                          fontsize="x-small")

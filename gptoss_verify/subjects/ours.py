@@ -23,12 +23,26 @@ class Ours:
             ("float32", "bfloat16", "float16")
         self.points = ALL_POINTS
 
-    def run(self, case: Case) -> Output:
+    def _model(self, case: Case):
         from ..backends import block_functions
         from ..model import Transformer
         if self.backend == "fused":
             self._check_fused(case)
-        model = Transformer.from_state_dict(case.spec, case.dense_state(), block_functions(self.backend))
+        return Transformer.from_state_dict(case.spec, case.dense_state(), block_functions(self.backend))
+
+    def decode(self, case: Case, prefill: int) -> torch.Tensor:
+        """The protocol's optional KV-cache path: the first `prefill` tokens in one pass into the
+        cache, then each later token alone against it; the logits of every position [B, S, V]."""
+        model = self._model(case)
+        cache, ids, parts = model.new_cache(), case.input_ids.to(case.device), []
+        with torch.no_grad():
+            parts.append(model(ids[:, :prefill], case.offset, cache))
+            for t in range(prefill, ids.shape[1]):
+                parts.append(model(ids[:, t:t + 1], case.offset + t, cache))
+        return torch.cat(parts, dim=1)
+
+    def run(self, case: Case) -> Output:
+        model = self._model(case)
         trace = Trace()
         with torch.no_grad():
             logits = model(case.input_ids.to(case.device), case.offset, trace=trace)

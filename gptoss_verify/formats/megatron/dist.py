@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -49,6 +49,52 @@ _MODEL_PREFIXES = tuple(sorted({row.dist_key(names).split(".", 1)[0] + "." for r
                                 for names in mapping.NAME_SETS}))
 #: the key order of the global state dict: the rows outside the layers first, then the layer rows
 _KEY_ORDER = [row for row in ROWS if row.scope in (FIRST, LAST)] + [row for row in ROWS if row.scope in (LAYER, EXPERT)]
+
+
+#: what megatron-core's `dist_checkpointing.load` reads besides the model (`serialization.py`,
+#: `load_common_state_dict`): the common state as a ShardedObject "common_state" of global shape (1,)
+#: (0.17 and later) and as `common.pt` beside it (0.16 requires it; later ones read it first)
+COMMON_STATE = {"checkpoint_version": 3.0, "iteration": ITERATION}
+COMMON_STATE_KEY = "common_state/shard_0_1"
+COMMON_FILE = "common.pt"
+
+
+def _object_key(key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """`ShardedObject.unique_key`: where a sharded object lives in the distcp metadata."""
+    return f"{key}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
+
+
+def _object(data) -> list:
+    """A ShardedObject's value as megatron-core stores it: `torch.save([data])`, which dcp's
+    default planner writes for the list itself (when it does not flatten the state dict, which
+    would split the list into `<key>.0` entries that megatron-core does not find)."""
+    return [data]
+
+
+def megatron_objects(spec: ModelSpec) -> dict[str, list]:
+    """The common state and every `_extra_state` object (None: no FP8) of both name sets
+    (`mapping.EXTRA_STATE`), keyed as megatron-core's loader asks for them. With its default
+    strictness a key that no model requests is not an error, so one checkpoint serves both specs."""
+    L, E = spec.num_layers, spec.num_experts
+    out = {}
+    for key, by_expert in mapping.extra_state_keys().items():
+        for layer in range(L):
+            if by_expert:
+                for e in range(E):
+                    out[_object_key(key, (layer, e), (L, E))] = _object(None)
+            else:
+                out[_object_key(key, (layer,), (L,))] = _object(None)
+    out[COMMON_STATE_KEY] = _object(dict(COMMON_STATE))
+    return out
+
+
+_ALIAS_KEYS = frozenset(key for key, _ in mapping.DIST_ALIASES)
+
+
+def is_bookkeeping(key: str) -> bool:
+    """A key that is not one of our model tensors: an `_extra_state` object, the common state or a
+    local-spec alias of one of our tensors."""
+    return mapping.EXTRA_STATE_SUFFIX in key or key.startswith("common_state") or key in _ALIAS_KEYS
 
 
 def _global_shape(row: Row, spec: ModelSpec, vocab_rows: int) -> tuple[int, ...]:
@@ -98,6 +144,9 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
                     bar.update()
                 state[row.dist_key()] = out
             bar.close()
+            for alias, row in mapping.DIST_ALIASES:  # the local spec's key of the same tensor, stored again
+                state[alias] = state[row.dist_key()]
+            state.update(megatron_objects(spec))
         finally:
             src.close()
         iter_dir = tmp / f"iter_{ITERATION:07d}"
@@ -105,8 +154,9 @@ def write(stream: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(state, storage_writer=ReproducibleWriter(str(iter_dir), single_file_per_rank=True, thread_count=1),
-                     no_dist=True)
+                     planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
         del state
+        torch.save(dict(COMMON_STATE), iter_dir / COMMON_FILE)
         write_json(iter_dir / "metadata.json", MEGATRON_METADATA)
         write_text(tmp / TRACKER, f"{ITERATION}\n")
         write_json(tmp / SIDECAR, sidecar("megatron-torch_dist", spec, lay, dtype))
@@ -153,7 +203,7 @@ def list_tensors(path: str | Path) -> dict:
     _, _, iter_dir, _, md, _ = _open(path)
     out = {}
     for key, item in md.state_dict_metadata.items():
-        if isinstance(item, TensorStorageMetadata) and key.startswith(_MODEL_PREFIXES) and not key.endswith("_extra_state"):
+        if isinstance(item, TensorStorageMetadata) and key.startswith(_MODEL_PREFIXES) and not is_bookkeeping(key):
             out[key] = Listed(tuple(item.size), item.properties.dtype, iter_dir)
     return out
 
@@ -210,7 +260,14 @@ def read(path: str | Path) -> tuple[ModelSpec, Stream]:
     root, spec, iter_dir, _, md, _ = _open(path)
     opts = options(path)
     expected = expected_tensors(spec, **opts)
-    items = md.state_dict_metadata
+    items = dict(md.state_dict_metadata)
+    stored: dict[str, str] = {}  # TE key -> the key it is stored under, where they differ
+    # a checkpoint written by megatron-core's local spec holds a tensor under its local key only:
+    # read it as the TE key (`mapping.DIST_ALIASES`)
+    for alias, row in mapping.DIST_ALIASES:
+        if row.dist_key() not in items and alias in items:
+            items[row.dist_key()] = items[alias]
+            stored[row.dist_key()] = alias
     for key, (shape, dtype) in expected.items():
         item = items.get(key)
         if item is None:
@@ -219,15 +276,16 @@ def read(path: str | Path) -> tuple[ModelSpec, Stream]:
             got = f"{item.properties.dtype} {list(item.size)}" if isinstance(item, TensorStorageMetadata) else "an object"
             raise CheckpointError(f"{iter_dir}: tensor {key}: expected {dtype} {list(shape)}, got {got}")
     for key, item in items.items():
-        if key.startswith(_MODEL_PREFIXES) and not key.endswith("_extra_state") and key not in expected:
+        if key.startswith(_MODEL_PREFIXES) and not is_bookkeeping(key) and key not in expected:
             raise CheckpointError(f"{iter_dir}: unexpected tensor {key}")
-    return spec, _stream(spec, iter_dir, items)
+    return spec, _stream(spec, iter_dir, items, stored)
 
 
-def _stream(spec: ModelSpec, iter_dir: Path, items) -> Stream:
+def _stream(spec: ModelSpec, iter_dir: Path, items, stored: dict[str, str]) -> Stream:
     def region(key: str, layer: int | None) -> torch.Tensor:
         """One layer of a layer key, or the whole of a global one."""
         item = items[key]
+        key = stored.get(key, key)
         size = tuple(item.size)
         if layer is None:
             return _load_region(iter_dir, key, item, (0,) * len(size), size)

@@ -40,6 +40,10 @@ def _allowed() -> dict[tuple[str, str], object]:
     from torch.distributed.checkpoint import filesystem
     if hasattr(filesystem, "_StorageInfo"):
         allowed[(filesystem.__name__, "_StorageInfo")] = filesystem._StorageInfo
+    # megatron-core's own save records its save plans in the metadata (plain dataclasses and an enum)
+    from torch.distributed.checkpoint import planner
+    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"):
+        allowed[(planner.__name__, name)] = getattr(planner, name)
     allowed[("torch", "Size")] = torch.Size
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
     allowed[("collections", "OrderedDict")] = collections.OrderedDict

@@ -25,6 +25,7 @@ class Job:
     checkpoint: str
     dtype: str = "float64"
     fault: str | None = None
+    save_to: str | None = None  # after loading: megatron-core's own dist_checkpointing.save into this directory
 
     def variant(self) -> mmodel.Variant:
         return mmodel.Variant(window_minus=0 if self.fault == "window-W" else 1,
@@ -54,6 +55,10 @@ def _one(job: Job, tp: int, ep: int, t: int, p: int, ids: torch.Tensor, ps
             raise ValueError(f"{job.checkpoint}: written for tp {ck.layout.tp} × ep {ck.layout.ep}, "
                              f"run on tp {tp} × ep {ep}")
         mmodel.load_legacy(model, ck.files[(t, 0, p)], job.fault if job.fault in mmodel.WEIGHT_FAULTS else None)
+    if job.save_to is not None:
+        from megatron.core import dist_checkpointing
+        Path(job.save_to).mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, job.save_to)
     rec, undo = hooks.attach(model, spec.experts_per_token)
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     try:
@@ -68,11 +73,12 @@ def _one(job: Job, tp: int, ep: int, t: int, p: int, ids: torch.Tensor, ps
     return rec, cast
 
 
-def rank_main(rank: int, world: int, init_method: str, tp: int, ep: int, jobs: list[Job], ids: torch.Tensor,
+def rank_main(rank: int, world: int, init_method: str, grids: list[tuple[int, int, list[Job]]], ids: torch.Tensor,
               result_path: str, timeout_s: float = 300.0) -> None:
-    """Everything one rank does; rank 0 saves every job's trace and the redirect counts to
-    `result_path` (a temporary name, then renamed); a rank that fails leaves its last line in
-    `result_path.rank{r}.error`."""
+    """Everything one rank does, grid after grid (tp, ep, jobs; a grid smaller than the world
+    runs with data-parallel replicas); rank 0 saves every job's trace, the parameters cast and the
+    redirect counts to `result_path` (a temporary name, then renamed); a rank that fails leaves
+    its last line in `result_path.rank{r}.error`."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
@@ -80,14 +86,16 @@ def rank_main(rank: int, world: int, init_method: str, tp: int, ep: int, jobs: l
     counts: collections.Counter = collections.Counter()
     try:
         from megatron.core import parallel_state as ps
+        done = []
         with cpu_placement(counts):
-            ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                         expert_tensor_parallel_size=1)
-            try:
-                t, p = ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank()
-                done = [_one(job, tp, ep, t, p, ids, ps) for job in jobs]
-            finally:
-                ps.destroy_model_parallel()
+            for tp, ep, jobs in grids:
+                ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                             expert_tensor_parallel_size=1)
+                try:
+                    t, p = ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank()
+                    done += [_one(job, tp, ep, t, p, ids, ps) for job in jobs]
+                finally:
+                    ps.destroy_model_parallel()
         if rank == 0:
             tmp = Path(result_path + ".tmp")
             torch.save({"traces": [trace for trace, _ in done], "casts": [cast for _, cast in done],
@@ -103,23 +111,31 @@ def rank_main(rank: int, world: int, init_method: str, tp: int, ep: int, jobs: l
         dist.destroy_process_group()
 
 
-def run(jobs: list[Job], ids: torch.Tensor, tp: int = 1, ep: int = 1, deadline_s: float = 300.0
-        ) -> tuple[list[dict[str, torch.Tensor]], dict[str, int], list[dict[str, str]]]:
+def run(jobs: list[Job], ids: torch.Tensor, tp: int = 1, ep: int = 1, deadline_s: float = 300.0):
     """(each job's trace, the placement redirects counted on rank 0, each job's parameters cast
-    to its dtype as Float16Module casts them: name -> dtype before)."""
+    to its dtype as Float16Module casts them: name -> dtype before), on one tp × ep grid."""
+    return run_grids([(tp, ep, jobs)], ids, deadline_s)
+
+
+def run_grids(grids: list[tuple[int, int, list[Job]]], ids: torch.Tensor, deadline_s: float = 300.0
+              ) -> tuple[list[dict[str, torch.Tensor]], dict[str, int], list[dict[str, str]]]:
+    """Several grids (tp, ep, jobs) in one start of the ranks: the world is the largest grid, which
+    every other one divides. Returns the traces of every job in order, the redirects, the casts."""
     import tempfile
 
     import torch.distributed as dist
 
     from ...distributed.launch import free_port, start_ranks
-    world = tp * ep
+    world = max(tp * ep for tp, ep, _ in grids)
+    if any(world % (tp * ep) for tp, ep, _ in grids):
+        raise ValueError(f"megatron-core: every grid must divide the largest ({world} ranks)")
     with tempfile.TemporaryDirectory(prefix="gptoss-mcore-") as tmp:
         out = str(Path(tmp) / "result.pt")
         try:
             if world == 1 and not dist.is_initialized():
-                rank_main(0, 1, f"tcp://127.0.0.1:{free_port()}", tp, ep, jobs, ids, out)
+                rank_main(0, 1, f"tcp://127.0.0.1:{free_port()}", grids, ids, out)
             else:
-                start_ranks(rank_main, (tp, ep, jobs, ids, out), world, deadline_s, "megatron-core forward")
+                start_ranks(rank_main, (grids, ids, out), world, deadline_s, "megatron-core forward")
         except BaseException:
             errors = sorted(Path(tmp).glob("result.pt.rank*.error"))
             if not errors:

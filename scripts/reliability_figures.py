@@ -54,12 +54,21 @@ def battery_tables(records: dict[str, dict]) -> str:
         rows.append((f"`{r['target']}`", r["inputs"], r.get("accepted", 0), r.get("refused", 0)))
         for how, n in r["kinds"].items():
             mutation, outcome = how.rsplit(" -> ", 1)
-            kinds[mutation][outcome] += n
+            kinds[_kind(mutation)][outcome] += n
     total = [sum(r[i] for r in rows) for i in (1, 2, 3)]
     rows.append(("**all targets**", *total))
     out = table(rows, ["target", "inputs tried", "accepted and correct", "refused (one error, exit 1)"])
     krows = [(f"`{k}`", v.get("accepted", 0), v.get("refused", 0)) for k, v in sorted(kinds.items())]
     return out + "\n\nBy mutation (all targets):\n\n" + table(krows, ["mutation", "accepted", "refused"])
+
+
+def _kind(mutation: str) -> str:
+    """A config mutation without the field it hit ("config: config range vocab_size" -> "config: range")."""
+    prefix = "config: config "
+    if not mutation.startswith(prefix):
+        return mutation
+    rest = mutation[len(prefix):]
+    return "config: " + ("layer types" if rest.startswith("layer types") else rest.split(" ", 1)[0]) + " (a field)"
 
 
 def kill_table(records: dict[str, dict]) -> str:
@@ -106,10 +115,12 @@ def main() -> None:
     ap.add_argument("--profile", choices=["thorough", "ci"], default="thorough")
     ap.add_argument("--examples", type=int, help="inputs per battery target under the thorough profile")
     ap.add_argument("-n", "--workers", type=int, default=1, help="pytest-xdist workers")
+    ap.add_argument("--keep", type=Path, help="keep the tests' outcome records in this folder")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="reliability-figures-") as tmp:
-        seconds = run_tests(args.profile, args.examples, args.workers, Path(tmp))
-        records = {p.stem: json.loads(p.read_text()) for p in Path(tmp).glob("*.json")}
+        where = args.keep or Path(tmp)
+        seconds = run_tests(args.profile, args.examples, args.workers, where)
+        records = {p.stem: json.loads(p.read_text()) for p in where.glob("*.json")}
     rewrite_doc(figures_text(records, args.profile, args.examples if args.profile == "thorough" else None, seconds))
     print(f"wrote the figures of {len(records)} tests into {DOC}")
 

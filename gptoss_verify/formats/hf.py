@@ -69,7 +69,21 @@ def options(path: str | Path, tensors: dict[str, TensorInfo] | None = None) -> d
     """The `expected_tensors` options that describe this checkpoint (MXFP4 or dense; float dtype)."""
     tensors = list_tensors(path) if tensors is None else tensors
     embed = tensors.get("model.embed_tokens.weight")
+    _check_quantization(Path(path))
     return {"mxfp4": _PROBE in tensors, "dtype": embed.dtype if embed is not None else torch.bfloat16}
+
+
+def _check_quantization(path: Path) -> None:
+    """`quantization_config`, where there is one, must name MXFP4: the one quantisation of GPT-OSS
+    we read (transformers would hand any other quant_method to another quantizer)."""
+    quant = (_config_dict(path) or {}).get("quantization_config")
+    if quant is None:
+        return
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{path / CONFIG}: quantization_config: expected an object, got {quant!r}")
+    method = quant.get("quant_method")
+    if method != "mxfp4":
+        raise CheckpointError(f"{path / CONFIG}: quantization_config.quant_method: expected 'mxfp4', got {method!r}")
 
 
 def holds_mxfp4(path: str | Path) -> bool:

@@ -183,3 +183,15 @@ def test_the_cli_killed_at_random_moments_again_and_again(tmp_path):
             shutil.rmtree(dst)
     assert start(dst).wait(120) == 0
     assert tree_hashes(dst) == ref and leftovers(parent, {"out"}) == []
+
+
+@pytest.mark.parametrize("quant,said", [({"quant_method": "fp8"}, "expected 'mxfp4', got 'fp8'"),
+                                        ("mxfp4", "expected an object, got 'mxfp4'")])
+def test_a_quantization_other_than_mxfp4_is_refused(quant, said, tmp_path, capsys):
+    src = tmp_path / "mx"
+    assert cli("make-checkpoint", src, "--mxfp4", "--layers", 1, "--seed", 2) == 0
+    data = json.loads((src / "config.json").read_text())
+    data["quantization_config"] = quant
+    (src / "config.json").write_text(json.dumps(data))
+    line = _refused(capsys, "convert", src, tmp_path / "out", "--to", "openai")
+    assert f"{src / 'config.json'}: quantization_config" in line and said in line, line

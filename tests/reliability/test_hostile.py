@@ -195,3 +195,23 @@ def test_a_quantization_other_than_mxfp4_is_refused(quant, said, tmp_path, capsy
     (src / "config.json").write_text(json.dumps(data))
     line = _refused(capsys, "convert", src, tmp_path / "out", "--to", "openai")
     assert f"{src / 'config.json'}: quantization_config" in line and said in line, line
+
+
+def test_a_flipped_byte_in_a_rank_files_tensor_data_is_refused_by_its_crc(hf, tmp_path, capsys):
+    """torch.load never checks a record's CRC-32; our reader does, so a byte changed inside a
+    tensor's data is named (file and record), not read as weights."""
+    import zipfile
+    meg = tmp_path / "meg"
+    assert cli("convert", hf, meg, "--to", "megatron") == 0
+    rank = next(meg.glob("iter_*/mp_rank_*/model_optim_rng.pt"))
+    with zipfile.ZipFile(rank) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw = bytearray(rank.read_bytes())
+    raw[start + info.file_size // 2] ^= 0x10
+    rank.write_bytes(bytes(raw))
+    before = tree_hashes(meg)
+    err = _refused(capsys, "convert", meg, tmp_path / "out", "--to", "hf")
+    record = info.filename.split("/", 1)[1]
+    assert f"{rank}: record {record}: CRC-32" in err and "the tensor's bytes were changed" in err
+    assert tree_hashes(meg) == before and not (tmp_path / "out").exists()

@@ -14,6 +14,8 @@ import argparse
 import collections
 import io
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -114,11 +116,33 @@ class StreamingTorchFile:
 
 
 class StoredTensor:
-    """One tensor of a torch.save file, located but not read: `load()` reads just its bytes."""
+    """One tensor of a torch.save file, located but not read: `load()` reads just its bytes and
+    checks them against the CRC-32 the zip directory holds for their record (torch's own reader
+    never does, so a flipped byte would otherwise be read as data)."""
 
     def __init__(self, path: Path, offset: int, shape: tuple[int, ...], stride: tuple[int, ...],
-                 dtype: torch.dtype, nbytes: int):
+                 dtype: torch.dtype, nbytes: int, record: tuple[str, int, int, int] | None = None):
         self.path, self.offset, self.shape, self.stride, self.dtype, self.nbytes = path, offset, shape, stride, dtype, nbytes
+        self.record = record  # (name, offset, size, CRC-32) of the record holding the bytes
+
+    def _check_crc(self, read: memoryview) -> None:
+        """`read` (this tensor's bytes) or, for a view into a larger record, the whole record
+        re-read in pieces, hashes to the record's CRC-32."""
+        if self.record is None:
+            return
+        name, offset, size, want = self.record
+        if offset == self.offset and size == self.nbytes:
+            got = zlib.crc32(read)
+        else:
+            got, chunk = 0, bytearray(1 << 24)
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                for start in range(0, size, len(chunk)):
+                    n = f.readinto(memoryview(chunk)[:min(len(chunk), size - start)])
+                    got = zlib.crc32(memoryview(chunk)[:n], got)
+        if got != want:
+            raise CheckpointError(f"{self.path}: record {name}: CRC-32 {got:08x}, the zip directory says "
+                                  f"{want:08x} (the tensor's bytes were changed)")
 
     def load(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor's values; read straight into `out` (contiguous, this shape and dtype) if given."""
@@ -137,6 +161,7 @@ class StoredTensor:
             got = f.readinto(view)
         if got != self.nbytes:
             raise CheckpointError(f"{self.path}: truncated (a tensor's data ends past the end of the file)")
+        self._check_crc(view)
         if out is not None:
             return out
         flat = buf.view(self.dtype)
@@ -222,6 +247,7 @@ def index(path: str | Path) -> object:
         first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise CheckpointError(f"{path}: holds objects that weights_only loading refuses ({first})") from None
     size = path.stat().st_size
+    crcs = _record_crcs(path)
 
     def locate(t: torch.Tensor) -> StoredTensor:
         key, dtype, nbytes = keys[t.untyped_storage()._cdata]
@@ -233,9 +259,22 @@ def index(path: str | Path) -> object:
         span = nbytes - t.storage_offset() * t.element_size()
         if base + nbytes > size:
             raise CheckpointError(f"{path}: truncated (record data/{key} ends past the end of the file)")
-        return StoredTensor(path, start, tuple(t.shape), tuple(t.stride()), t.dtype, span)
+        record = f"data/{key}"
+        if record not in crcs:
+            raise CheckpointError(f"{path}: record {record} is not in the zip directory")
+        return StoredTensor(path, start, tuple(t.shape), tuple(t.stride()), t.dtype, span,
+                            (record, base, nbytes, crcs[record]))
 
     return _replace(obj, locate)
+
+
+def _record_crcs(path: Path) -> dict[str, int]:
+    """Each record's CRC-32 from the zip directory, by its name inside the archive folder."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {info.filename.split("/", 1)[-1]: info.CRC for info in z.infolist()}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise CheckpointError(f"{path}: its zip directory does not read ({err})") from None
 
 
 def _replace(obj, locate):

@@ -215,3 +215,18 @@ def test_a_flipped_byte_in_a_rank_files_tensor_data_is_refused_by_its_crc(hf, tm
     record = info.filename.split("/", 1)[1]
     assert f"{rank}: record {record}: CRC-32" in err and "the tensor's bytes were changed" in err
     assert tree_hashes(meg) == before and not (tmp_path / "out").exists()
+
+
+def test_a_torch_dist_entry_without_its_fields_is_refused_by_key(hf, tmp_path, capsys):
+    """An allowed class unpickled with its attributes missing (a pickle's BUILD step sets any) is
+    named by its key, not an AttributeError traceback (found by the thorough battery)."""
+    import pickle
+    dist = tmp_path / "dist"
+    assert cli("convert", hf, dist, "--to", "megatron-dist") == 0
+    meta = next(dist.glob("iter_*/.metadata"))
+    md = pickle.loads(meta.read_bytes())
+    key = next(k for k, v in md.state_dict_metadata.items() if hasattr(v, "properties"))
+    del md.state_dict_metadata[key].properties
+    meta.write_bytes(pickle.dumps(md))
+    err = _refused(capsys, "convert", dist, tmp_path / "out", "--to", "hf")
+    assert f"state_dict_metadata[{key!r}]: properties: expected TensorProperties" in err

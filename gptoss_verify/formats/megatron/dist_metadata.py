@@ -88,9 +88,37 @@ def load_metadata(path: str | Path) -> _md.Metadata:
     for field in ("state_dict_metadata", "storage_data"):
         if not isinstance(getattr(md, field, None), dict):
             raise CheckpointError(f"{path}: Metadata.{field}: expected a dict, got {type(getattr(md, field, None)).__name__}")
+    for key, item in md.state_dict_metadata.items():
+        problem = _entry_problem(item)
+        if problem:
+            raise CheckpointError(f"{path}: state_dict_metadata[{key!r}]: {problem}")
     if getattr(md, "storage_meta", None) is None:  # as torch's reader does
         md.storage_meta = _md.StorageMeta()
     return md
+
+
+def _ints(value, n: int | None = None) -> bool:
+    return (isinstance(value, (tuple, list)) and (n is None or len(value) == n)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def _entry_problem(item) -> str | None:
+    """What is wrong with one entry, or None: a pickle's BUILD step can give an allowed class any
+    attributes, so the fields the readers use are checked here, once."""
+    if isinstance(item, _md.BytesStorageMetadata):
+        return None
+    if not isinstance(item, _md.TensorStorageMetadata):
+        return f"expected tensor or bytes metadata, got {type(item).__name__}"
+    props, size, chunks = (getattr(item, f, None) for f in ("properties", "size", "chunks"))
+    if not isinstance(props, _md.TensorProperties) or not isinstance(getattr(props, "dtype", None), torch.dtype):
+        return "properties: expected TensorProperties with a torch dtype"
+    if not _ints(size):
+        return f"size: expected non-negative integers, got {size!r}"[:200]
+    if not isinstance(chunks, list) or not all(
+            isinstance(c, _md.ChunkStorageMetadata) and _ints(getattr(c, "offsets", None), len(size))
+            and _ints(getattr(c, "sizes", None), len(size)) for c in chunks):
+        return f"chunks: expected chunk metadata with {len(size)} offsets and sizes each"
+    return None
 
 
 class SafeMetadataReader(dcp.FileSystemReader):

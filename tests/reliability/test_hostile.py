@@ -230,3 +230,17 @@ def test_a_torch_dist_entry_without_its_fields_is_refused_by_key(hf, tmp_path, c
     meta.write_bytes(pickle.dumps(md))
     err = _refused(capsys, "convert", dist, tmp_path / "out", "--to", "hf")
     assert f"state_dict_metadata[{key!r}]: properties: expected TensorProperties" in err
+
+
+def test_a_zip_directory_pythons_zipfile_cannot_read_is_refused_by_file(hf, tmp_path, capsys):
+    """A central-directory entry claiming zip version 6.4 (torch's reader ignores it, zipfile raises
+    NotImplementedError): one error naming the rank file, not a traceback (found by the thorough battery)."""
+    meg = tmp_path / "meg"
+    assert cli("convert", hf, meg, "--to", "megatron") == 0
+    rank = next(meg.glob("iter_*/mp_rank_*/model_optim_rng.pt"))
+    raw = bytearray(rank.read_bytes())
+    entry = raw.find(b"PK\x01\x02")
+    raw[entry + 6:entry + 8] = (64).to_bytes(2, "little")  # version needed to extract
+    rank.write_bytes(bytes(raw))
+    err = _refused(capsys, "convert", meg, tmp_path / "out", "--to", "hf")
+    assert f"{rank}: its zip directory does not read" in err

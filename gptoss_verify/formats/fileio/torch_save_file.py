@@ -273,8 +273,8 @@ def _record_crcs(path: Path) -> dict[str, int]:
     try:
         with zipfile.ZipFile(path) as z:
             return {info.filename.split("/", 1)[-1]: info.CRC for info in z.infolist()}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        raise CheckpointError(f"{path}: its zip directory does not read ({err})") from None
+    except Exception as err:  # noqa: BLE001 - a damaged directory raises many types (BadZipFile, NotImplementedError, ...)
+        raise CheckpointError(f"{path}: its zip directory does not read ({type(err).__name__}: {err})") from None
 
 
 def _replace(obj, locate):

@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except INPUT_ERRORS as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        msg = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        # one line whatever the input held (a field name with a newline in it, say): escaped, not split
+        msg = msg.replace("\r", "\\r").replace("\n", "\\n")
         print(f"gptoss-verify {args.command}: error: {msg}", file=sys.stderr)
         return 1
 

@@ -224,7 +224,7 @@ class ModelSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - fields)
         if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown ModelSpec field")
+            raise ConfigError(f"{unknown[0]!r}: unknown ModelSpec field")
         return cls(**data)
 
 

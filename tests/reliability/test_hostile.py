@@ -244,3 +244,16 @@ def test_a_zip_directory_pythons_zipfile_cannot_read_is_refused_by_file(hf, tmp_
     rank.write_bytes(bytes(raw))
     err = _refused(capsys, "convert", meg, tmp_path / "out", "--to", "hf")
     assert f"{rank}: its zip directory does not read" in err
+
+
+def test_a_field_name_with_a_newline_stays_one_error_line(hf, tmp_path, capsys):
+    """An input's own text (here a sidecar spec field named "x\\ny") never splits the error line
+    (found by the thorough battery)."""
+    meg = tmp_path / "meg"
+    assert cli("convert", hf, meg, "--to", "megatron") == 0
+    sidecar = meg / "gptoss_verify_megatron.json"
+    data = json.loads(sidecar.read_text())
+    data["spec"]["x\ny"] = 1
+    sidecar.write_text(json.dumps(data))
+    err = _refused(capsys, "convert", meg, tmp_path / "out", "--to", "hf")
+    assert "'x\\ny': unknown ModelSpec field" in err

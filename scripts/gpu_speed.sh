@@ -14,6 +14,10 @@
 #   moebwd     scripts/bench_moe.py --backward: forward against forward + backward, E = 32, T = 4096
 #   moeprofile scripts/bench_moe.py --profile: device time per kernel of ours, E = 32, 128 x T = 1, 16, 4096
 #   moebwdprofile  the same for forward + backward (bf16 experts), E = 32, T = 4096
+#   matrixmc   the matrix with the feature probes and the Megatron-Core subject (megatron and gpt_oss carried as
+#              source on PYTHONPATH): ours, transformers eager, openai-torch, megatron-core on one GPU
+#   attntests  tests/kernels/test_attention.py on the GPU (every shape of the interpreter grid, bf16 too)
+#   tunedecode scripts/tune_attention.py --decode: decode tiles x key splits replayed as CUDA graphs
 #   attention  scripts/bench_attention.py: the cases of issue 19 with FlashAttention-4 (flex left out: its
 #              compile per case costs minutes of device time; its rows are in reports/gpu-2026-12-02-h200)
 set -u -o pipefail
@@ -51,6 +55,16 @@ for s in "$@"; do
       step matrix ${MATRIX_S:-200} python3 -m gptoss_verify.cli matrix --device cuda --subject reference \
         --subject fused --subject hf-eager --subject hf:flex_attention:eager --subject hf:eager:grouped_mm \
         --subject openai-torch --report "$RES/matrix-gpu.md" --json "$RES/matrix-gpu.json" ;;
+    matrixmc)
+      step matrix-megatron ${MATRIXMC_S:-360} python3 -m gptoss_verify.cli matrix --device cuda --subject reference \
+        --subject fused --subject hf-eager --subject openai-torch --subject megatron-core \
+        --report "$RES/matrix-gpu-megatron.md" --json "$RES/matrix-gpu-megatron.json" ;;
+    attntests)
+      step gpu-tests-attention ${ATTNTESTS_S:-150} python3 -m pytest tests/kernels/test_attention.py -q -rfE \
+        -p no:cacheprovider --timeout 100 ;;
+    tunedecode)
+      TAIL=40 step tune-decode ${TUNEDECODE_S:-240} python3 scripts/tune_attention.py --decode \
+        --out "$RES/decode-tune.md" ;;
     parity120b)
       nvidia-smi --query-gpu=memory.used --format=csv,noheader -lms 500 > "$RES/parity-120b-memory.csv" 2>&1 &
       smi=$!

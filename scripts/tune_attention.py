@@ -71,8 +71,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
     parser.add_argument("--wide", action="store_true", help="only the wider sweep of long prefill and the window")
+    parser.add_argument("--decode", action="store_true",
+                        help="only decode, replayed as a CUDA graph (as a serving loop runs it): tiles x splits, "
+                             "against the copy bandwidth measured in this run")
     args = parser.parse_args()
     tables = []
+    if args.decode:
+        return report(decode_graph_sweep(), args.out)
     if args.wide:
         for sq, window, kind, configs in ((16384, None, "prefill_long", WIDE_LONG),
                                           (65536, 128, "prefill_window", WIDE_WINDOW)):
@@ -111,6 +116,33 @@ def main():
         tables.append(f"### decode B={b} KV={sk}, splits\n\n"
                       + tabulate(rows, headers=["splits", "ms", "K/V GB/s"], tablefmt="github"))
     report(tables, args.out)
+
+
+def decode_graph_sweep():
+    """Every decode tile at several key-split counts, each replayed as a CUDA graph, as % of the
+    device-to-device copy bandwidth (read + written) measured here."""
+    from bench_attention import copy_bandwidth
+    ceiling = copy_bandwidth()
+    tables = [f"copy bandwidth measured in this run: {ceiling / 1e12:.2f} TB/s"]
+    for b, sk, splits in ((1, 131072, (16, 33, 66, 99, 132, 198, 264)), (64, 8192, (1, 2, 4))):
+        q, k, v, s = inputs(b, 1, sk)
+        kv_bytes = 2 * b * sk * HKV * D * 2
+        rows = []
+        for cfg in DECODE:
+            for n in splits:
+                over = {"decode": cfg, "decode_splits": n}
+                try:
+                    ms = triton.testing.do_bench_cudagraph(
+                        lambda: attention_forward(q, k, v, s, window=None, q_start=sk - 1, overrides=over), rep=30)
+                except Exception as err:  # noqa: BLE001 - a tile that does not fit is reported
+                    rows.append((label(cfg), n, f"failed: {type(err).__name__}", "", ""))
+                    continue
+                bw = kv_bytes / (ms * 1e-3)
+                rows.append((label(cfg), n, round(ms, 4), round(bw / 1e9), f"{100 * bw / ceiling:.0f}%"))
+        rows.sort(key=lambda r: r[2] if isinstance(r[2], float) else float("inf"))
+        tables.append(f"### decode B={b} KV={sk}, CUDA graph\n\n" + tabulate(
+            rows, headers=["config", "splits", "ms", "K/V GB/s", "of copy"], tablefmt="github"))
+    return tables
 
 
 def report(tables, out):

@@ -133,24 +133,34 @@ def _attn_decode(Q, K, V, S, O, L, PO, PM, PL,
 
 @triton.jit
 def _attn_decode_merge(S, O, L, PO, PM, PL, sob, sos, soh, n_q, n_splits,
-                       HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Combine the splits of one (sequence, kv head): m = max(sink, m_s), l = e^(sink−m) + Σ e^(m_s−m)·l_s,
-    out = Σ e^(m_s−m)·acc_s / l (base 2 throughout)."""
-    bkv, b, rows, row_ok, i, h = _group_rows(n_q, HKV, GROUP, BLOCK_M, 0)
+                       HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_S: tl.constexpr):
+    """Combine the splits of one tile row of one (sequence, kv head): m = max(sink, m_s),
+    l = e^(sink−m) + Σ e^(m_s−m)·l_s, out = Σ e^(m_s−m)·acc_s / l (base 2 throughout).
+    Grid (B·Hkv, GROUP·n_q): one program per real row, the splits read BLOCK_S at a time as one
+    tile, so a long cache's many splits cost a few wide loads, not a serial walk per split."""
+    bkv = tl.program_id(0)
+    row = tl.program_id(1)
+    b = bkv // HKV
+    i = row % n_q
+    h = (bkv % HKV) * GROUP + row // n_q
     offs_d = tl.arange(0, D)
-    sink = tl.load(S + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    offs_s = tl.arange(0, BLOCK_S)
+    base = bkv * n_splits * BLOCK_M + row  # split s of this row: base + s·BLOCK_M
+    sink = tl.load(S + h).to(tl.float32) * 1.4426950408889634
     m = sink
-    for s in range(0, n_splits):
-        m = tl.maximum(m, tl.load(PM + (bkv * n_splits + s) * BLOCK_M + rows))
+    for s0 in range(0, n_splits, BLOCK_S):
+        s_ok = s0 + offs_s < n_splits
+        m = tl.maximum(m, tl.max(tl.load(PM + base + (s0 + offs_s) * BLOCK_M, mask=s_ok, other=float("-inf")), 0))
     m_use = tl.where(m == float("-inf"), 0.0, m)
     l_i = tl.math.exp2(sink - m_use)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for s in range(0, n_splits):
-        part = (bkv * n_splits + s) * BLOCK_M
-        w = tl.math.exp2(tl.load(PM + part + rows) - m_use)
-        l_i += w * tl.load(PL + part + rows)
-        acc += w[:, None] * tl.load(PO + (part + rows[:, None]) * D + offs_d[None, :])
+    acc = tl.zeros([D], dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s_ok = s0 + offs_s < n_splits
+        part = base + (s0 + offs_s) * BLOCK_M
+        w = tl.math.exp2(tl.load(PM + part, mask=s_ok, other=float("-inf")) - m_use)
+        l_i += tl.sum(w * tl.load(PL + part, mask=s_ok, other=0.0), 0)
+        acc += tl.sum(w[:, None] * tl.load(PO + part[:, None] * D + offs_d[None, :], mask=s_ok[:, None], other=0.0), 0)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    tl.store(O + b * sob + h[:, None] * soh + i[:, None] * sos + offs_d[None, :],
-             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(L + (b * HKV * GROUP + h) * n_q + i, (m_use + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+    tl.store(O + b * sob + h * soh + i * sos + offs_d, (acc / l_i).to(O.dtype.element_ty))
+    tl.store(L + (b * HKV * GROUP + h) * n_q + i, (m_use + tl.log2(l_i)) * 0.6931471805599453)

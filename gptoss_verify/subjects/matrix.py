@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -110,12 +112,25 @@ def margin(v: Verdict | dict) -> float:
 
 def versions(device: str) -> dict[str, str]:
     env = environment(device)
-    for pkg in ("triton", "gpt-oss", "megatron-core"):
-        try:
-            env[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            env[pkg] = "not installed"
+    for pkg, module in (("triton", "triton"), ("gpt-oss", "gpt_oss"), ("megatron-core", "megatron.core")):
+        env[pkg] = _version(pkg, module)
     return env
+
+
+def _version(pkg: str, module: str) -> str:
+    """The installed distribution's version; else, for source put on PYTHONPATH without package
+    metadata (how the optional extras travel to the GPU machine), where it was found."""
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        spec = importlib.util.find_spec(module)
+    except ImportError:  # a parent package that is absent
+        spec = None
+    if spec is None:
+        return "not installed"
+    return f"source at {os.path.dirname(spec.origin or '?')} (no package metadata)"
 
 
 def to_json(rows: list[Row], meta: dict) -> dict:

@@ -28,13 +28,17 @@ CONFIGS = {
     "prefill": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, SPLIT_MASK=True),
     "prefill_long": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, SPLIT_MASK=True),  # Sq > 8192
     "prefill_window": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, SPLIT_MASK=False),
-    "decode": dict(BLOCK_N=64, num_warps=4, num_stages=3),  # BLOCK_M is the packed group's rows
+    "decode": dict(BLOCK_N=128, num_warps=4, num_stages=4),  # BLOCK_M is the packed group's rows (decode-tune.md)
+    "decode_merge": dict(BLOCK_S=32, num_warps=2),  # splits read per load in the merge
     "bwd_dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "bwd_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
 }
 INTERPRETER = {"prefill": dict(BLOCK_M=32, BLOCK_N=32, SPLIT_MASK=True), "decode": dict(BLOCK_N=32),
+               "decode_merge": dict(BLOCK_S=4),  # < the tests' 7 splits: the merge's loop runs
                "bwd_dq": dict(BLOCK_M=32, BLOCK_N=32), "bwd_dkdv": dict(BLOCK_M=32, BLOCK_N=32)}
-DECODE_PROGRAMS_PER_SM = 2  # split the keys until about this many programs per multiprocessor
+# split the keys until about this many programs per multiprocessor: with 128-key tiles 4 stages deep
+# one program keeps enough loads in flight (reports/gpu-2026-12-04-h200/decode-tune.md)
+DECODE_PROGRAMS_PER_SM = 1
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -140,9 +144,10 @@ def _decode(q, k, v, sinks, out, lse, *, window, q_start, k_start, overrides):
                                       HKV=hkv, GROUP=group, D=d, BLOCK_M=block_m, SLIDING=window is not None,
                                       SINGLE=single, PREC=_precision(q), **cfg)
     if not single:
-        _attn_decode_merge[(b * hkv,)](sinks, out, lse, part_o, part_m, part_l, out.stride(0), out.stride(1),
-                                       out.stride(2), sq, n_splits, HKV=hkv, GROUP=group, D=d, BLOCK_M=block_m,
-                                       num_warps=4)
+        merge = _config("decode_merge", q.is_cuda, overrides)
+        _attn_decode_merge[(b * hkv, group * sq)](sinks, out, lse, part_o, part_m, part_l, out.stride(0),
+                                                  out.stride(1), out.stride(2), sq, n_splits, HKV=hkv, GROUP=group,
+                                                  D=d, BLOCK_M=block_m, **merge)
 
 
 def attention_backward(q, k, v, sinks, out, lse, d_out, *, window, q_start, k_start, overrides=None):

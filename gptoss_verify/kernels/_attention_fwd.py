@@ -19,29 +19,33 @@ from ._attention_masks import _group_rows, _query_block, _split_key_range, _visi
 def _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, lo, hi, n_k, k_start, window,
                          qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SLIDING: tl.constexpr,
                          PREC: tl.constexpr):
-    """Accumulate keys [lo, hi) into (acc, l, m); MASKED=False only for whole visible blocks."""
+    """Accumulate keys [lo, hi) into (acc, l, m); MASKED=False only for whole visible blocks.
+    m is kept in scaled (base-2) units while the scores stay unscaled, so the scale and the max
+    subtraction are one fused multiply-add per score (the loop is bound by per-score instructions
+    at head_dim 64), and P·V accumulates into acc in place (no second accumulator and add)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
             k = tl.load(k_ptr + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < n_k, other=0.0)
         else:
             k = tl.load(k_ptr + offs_n[:, None] * sks + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if MASKED:
             qk = tl.where(_visible(q_pos, offs_n, n_k, k_start, window, SLIDING), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max(x)·c = max(x·c)
         if MASKED:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet and a −inf sink
         else:
             m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
             v = tl.load(v_ptr + offs_n[:, None] * svs + offs_d[None, :], mask=offs_n[:, None] < n_k, other=0.0)
         else:
             v = tl.load(v_ptr + offs_n[:, None] * svs + offs_d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
 

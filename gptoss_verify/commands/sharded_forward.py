@@ -5,7 +5,8 @@ under torchrun. Exit 1 on any mismatch.
 
 `--engine megatron-core` runs megatron-core's own GPTModel on the same files instead of our sharded
 forward (`subjects/megatron_core`: its parallel_state over gloo, legacy files loaded with
-`load_state_dict(strict=True)`, torch_dist through `dist_checkpointing.load`) and judges every
+`load_state_dict(strict=True)` at their grid, torch_dist through `dist_checkpointing.load` at the
+grid it was converted for or at `--tp/--ep`, resharded from its global tensors) and judges every
 trace point against our float64 truth on the reference, naming the first divergence and the
 Megatron-Core floors that applied."""
 from __future__ import annotations
@@ -23,12 +24,19 @@ HELP = "run Megatron shards over torch.distributed, compare with the unsharded m
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("megatron_dir", help="a Megatron legacy checkpoint (gptoss-verify convert --to megatron)")
+    p.add_argument("megatron_dir", help="a Megatron checkpoint: legacy (gptoss-verify convert --to megatron), or torch_dist "
+                        "(--to megatron-dist) with --engine megatron-core")
     p.add_argument("--reference", required=True, help="the HF checkpoint it was converted from")
     p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     p.add_argument("--engine", choices=("ours", "megatron-core"), default="ours",
                    help="whose forward runs on the shards: our sharded model (default) or megatron-core's GPTModel "
                         "(gloo on the CPU; the grid is the checkpoint's)")
+    p.add_argument("--tp", type=options.positive_int, default=None,
+                   help="with --engine megatron-core: the tensor-parallel size to load a torch_dist checkpoint at "
+                        "(its tensors are global; default: the grid it was converted for); legacy files load at "
+                        "their own grid only")
+    p.add_argument("--ep", type=options.positive_int, default=None,
+                   help="with --engine megatron-core: the expert-parallel size, likewise")
     options.add_dtype(p, default="float64")
     p.add_argument("--seq", type=options.positive_int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--batch", type=options.positive_int, default=2)
@@ -41,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.engine == "megatron-core":
         return run_megatron_core(args)
+    if args.tp is not None or args.ep is not None:  # our sharded forward runs the files' own grid
+        print("gptoss-verify sharded-forward: error: --tp/--ep choose the grid of --engine megatron-core only "
+              "(our sharded forward runs the legacy files' own grid)", file=sys.stderr)
+        return 2
     cfg = Config([Case(args.megatron_dir, args.reference, args.dtype)], backend=args.backend, seq=args.seq,
                  batch=args.batch, seed=args.seed, timeout_s=args.timeout)
     if under_torchrun():
@@ -102,7 +114,9 @@ def run_megatron_core(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.megatron_dir}: not a Megatron checkpoint (detected {kind})")
     fmt = layouts.module(kind)
     spec, opts = fmt.read_spec(args.megatron_dir), fmt.options(args.megatron_dir)
-    tp, ep = (opts["tp"], opts["ep"]) if kind == "megatron" else (1, 1)
+    tp = args.tp if args.tp is not None else opts["tp"]
+    ep = args.ep if args.ep is not None else opts["ep"]
+    ranks.check_grid(args.megatron_dir, tp, ep)  # legacy files at their grid only; one error naming the directory
     ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
     dtype = getattr(torch, args.dtype)
     case = Case(spec, ids, dtype=dtype, checkpoint=args.reference)

@@ -35,6 +35,34 @@ class Job:
 FAULTS = (*mmodel.WEIGHT_FAULTS, "window-W", "bias-activation-fusion")
 
 
+def check_grid(checkpoint: str | Path, tp: int, ep: int) -> None:
+    """Refuse, naming the checkpoint, a grid its files cannot load at, before any process starts:
+    legacy per-rank files load only at the grid they were written for (pp 1: the subject builds
+    the whole model on every rank); torch_dist holds global tensors, which `dist_checkpointing.load`
+    reshards to any grid that divides the KV heads, the experts and the stored vocabulary rows."""
+    from ...formats import layout as layouts
+    from ...formats.errors import CheckpointError
+    from ...formats.megatron.files import Layout
+    from . import LAYOUTS
+    kind = layouts.detect(checkpoint)
+    if kind not in LAYOUTS:
+        raise CheckpointError(f"{checkpoint}: not a Megatron checkpoint (detected {kind})")
+    fmt = layouts.module(kind)
+    spec, opts = fmt.read_spec(checkpoint), fmt.options(checkpoint)
+    if kind == "megatron" and (opts["tp"], opts["ep"], opts["pp"]) != (tp, ep, 1):
+        raise CheckpointError(f"{checkpoint}: legacy per-rank files written for tp {opts['tp']} × ep {opts['ep']} × "
+                              f"pp {opts['pp']} load only at that grid (asked: tp {tp} × ep {ep} × pp 1); "
+                              "torch_dist (--to megatron-dist) loads at any")
+    try:
+        Layout(tp, ep).check(spec)
+    except CheckpointError as err:
+        raise CheckpointError(f"{checkpoint}: {err}") from None
+    rows = Layout(opts["tp"], 1, 1, opts["pad_vocab"]).vocab(spec)
+    if rows % tp:
+        raise CheckpointError(f"{checkpoint}: its {rows} vocabulary rows do not split over tp {tp} "
+                              f"(convert with --tp {tp} --pad-vocab)")
+
+
 def _one(job: Job, tp: int, ep: int, t: int, p: int, ids: torch.Tensor, ps
          ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from ...formats import layout as layouts
@@ -51,9 +79,6 @@ def _one(job: Job, tp: int, ep: int, t: int, p: int, ids: torch.Tensor, ps
         mmodel.load_torch_dist(model, job.checkpoint)
     else:
         ck = legacy.open_checkpoint(job.checkpoint)
-        if (ck.layout.tp, ck.layout.ep) != (tp, ep):
-            raise ValueError(f"{job.checkpoint}: written for tp {ck.layout.tp} × ep {ck.layout.ep}, "
-                             f"run on tp {tp} × ep {ep}")
         mmodel.load_legacy(model, ck.files[(t, 0, p)], job.fault if job.fault in mmodel.WEIGHT_FAULTS else None)
     if job.save_to is not None:
         from megatron.core import dist_checkpointing
@@ -129,6 +154,9 @@ def run_grids(grids: list[tuple[int, int, list[Job]]], ids: torch.Tensor, deadli
     world = max(tp * ep for tp, ep, _ in grids)
     if any(world % (tp * ep) for tp, ep, _ in grids):
         raise ValueError(f"megatron-core: every grid must divide the largest ({world} ranks)")
+    for tp, ep, jobs in grids:
+        for job in jobs:
+            check_grid(job.checkpoint, tp, ep)
     with tempfile.TemporaryDirectory(prefix="gptoss-mcore-") as tmp:
         out = str(Path(tmp) / "result.pt")
         try:

@@ -18,6 +18,7 @@
 #              source on PYTHONPATH): ours, transformers eager, openai-torch, megatron-core on one GPU
 #   attntests  tests/kernels/test_attention.py on the GPU (every shape of the interpreter grid, bf16 too)
 #   tunedecode scripts/tune_attention.py --decode: decode tiles x key splits replayed as CUDA graphs
+#   tunetma    scripts/tune_attention.py --tma: prefill tiles by pointers, through TMA, TMA + warp specialisation
 #   attention  scripts/bench_attention.py: the cases of issue 19 with FlashAttention-4 (flex left out: its
 #              compile per case costs minutes of device time; its rows are in reports/gpu-2026-12-02-h200)
 set -u -o pipefail
@@ -65,6 +66,8 @@ for s in "$@"; do
     tunedecode)
       TAIL=40 step tune-decode ${TUNEDECODE_S:-240} python3 scripts/tune_attention.py --decode \
         --out "$RES/decode-tune.md" ;;
+    tunetma)
+      TAIL=80 step tune-tma ${TUNETMA_S:-240} python3 scripts/tune_attention.py --tma --out "$RES/tma-tune.md" ;;
     parity120b)
       nvidia-smi --query-gpu=memory.used --format=csv,noheader -lms 500 > "$RES/parity-120b-memory.csv" 2>&1 &
       smi=$!

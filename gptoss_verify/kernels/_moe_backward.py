@@ -5,13 +5,14 @@ activation [rows, I] and the gate/up pre-activation [rows, 2I] (input dtype), so
 recomputed. With dO the gradient of the output, for a slot s = (token t, choice j) on expert e with
 routing weight w:
 
-  dA_s   = dO_t @ down[e]^T                   (`dact_kernel`; epilogue below)
-  dw_s   = dA_s · act_s + dO_t · down_bias[e]   (+ the gradient of the returned weights)
-  dpre_s = SwiGLU'(pre_s) ⊙ (w · dA_s)          (zero where a clamp is active)
+  dA_s   = dO_t @ down[e]^T                   (`dact_kernel`: a plain GEMM, float32 out)
+  dw_s   = dA_s · act_s + dO_t · down_bias[e]   (`swiglu_bwd_kernel`; + the returned weights' gradient)
+  dpre_s = SwiGLU'(pre_s) ⊙ (w · dA_s)          (`swiglu_bwd_kernel`; zero where a clamp is active)
   dX_s   = dpre_s @ gate_up[e]^T               (`dx_slot_kernel`, float32, slot order)
   d down[e]    = Σ_s act_s^T (w · dO_t)       (`expert_grad_kernel`, rows of e as K)
   d gate_up[e] = Σ_s h_t^T dpre_s             (same kernel)
-  d biases     = Σ_s over each expert's rows  (`bias_grad_kernel`)
+  d biases     = Σ_s over each expert's rows  (`block_sums_kernel` per row block, then
+                                               `expert_sums_kernel` over the expert's blocks)
   d logits     = softmax backward of dw over the chosen k, scattered (`router_grad_kernel`)
   dh_t = Σ_j dX_(t,j) + dlogits_t @ router_weight  (`dx_combine_kernel`, fixed order)
   d router_weight = dlogits^T @ h, d router_bias = Σ_t dlogits  (`router_wgrad_kernel` + reduce)
@@ -57,14 +58,15 @@ def _dot(acc, a, b, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.jit(do_not_specialize=["num_m", "TK"])
-def dact_kernel(dout_ptr, w_ptr, s_ptr, act_ptr, pre_ptr, weights32_ptr, dpre_ptr, dwpart_ptr, sorted_slot_ptr,
-                block_expert_ptr, block_rows_ptr, N, K, num_m, TK, stride_do, stride_we, stride_wk, stride_wn,
-                stride_se, stride_sk, alpha, limit,
+@triton.jit(do_not_specialize=["num_m"])
+def dact_kernel(dout_ptr, w_ptr, s_ptr, da_ptr, sorted_slot_ptr, block_expert_ptr, block_rows_ptr, N, K, num_m,
+                stride_do, stride_we, stride_wk, stride_wn, stride_se, stride_sk,
                 TOPK: tl.constexpr, MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr):
-    """Per row block x tile of I: dA = dO[token] @ down[e]^T; the epilogue writes this tile's share
-    of dw (Σ_i dA·act) and dpre = SwiGLU'(pre) ⊙ (w·dA) on the interleaved gate/up columns."""
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+    """Per row block x tile of I: dA = dO[token] @ down[e]^T, stored float32 in sorted-row order. A plain
+    GEMM with a store-only epilogue, as the forward's GEMM 2: the SwiGLU derivative and the dw reduction
+    in this epilogue (a [BLOCK_M, 2·BLOCK_N] pre-activation tile next to the accumulator) made it 3x
+    slower per FLOP than dx_slot on the H200; they run in `swiglu_bwd_kernel` instead."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, N, BLOCK_N, GROUP_M)
     nrows = tl.load(block_rows_ptr + pid_m)
     if nrows == 0:
@@ -80,27 +82,60 @@ def dact_kernel(dout_ptr, w_ptr, s_ptr, act_ptr, pre_ptr, weights32_ptr, dpre_pt
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        b = _wt_tile(w_ptr, s_ptr, e, k0, pid_n * BLOCK_N, offs_n, n_ok, K, N, stride_we, stride_wk, stride_wn, stride_se, stride_sk,
-                     MXFP4, BLOCK_N, BLOCK_K, a.dtype)
+        if EVEN_K:
+            a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            a = tl.load(a_base + offs_k[None, :], mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        b = _wt_tile(w_ptr, s_ptr, e, k0, pid_n * BLOCK_N, offs_n, n_ok, K, N, stride_we, stride_wk, stride_wn,
+                     stride_se, stride_sk, MXFP4, BLOCK_N, BLOCK_K, a.dtype)
         acc = _dot(acc, a, b, IEEE)
     rows = (pid_m * BLOCK_M + offs_m).to(tl.int64)
-    ok = row_ok[:, None] & n_ok[None, :]
-    act = tl.load(act_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-    tl.store(dwpart_ptr + pid_n.to(tl.int64) * TK + slot, tl.sum(acc * act, axis=1), mask=row_ok)
-    da = acc * tl.load(weights32_ptr + slot, mask=row_ok, other=0.0)[:, None]
-    offs_p = pid_n * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
-    p_ok = row_ok[:, None] & (offs_p < 2 * N)[None, :]
-    pre = tl.load(pre_ptr + rows[:, None] * (2 * N) + offs_p[None, :], mask=p_ok, other=0.0).to(tl.float32)
-    gate, up = tl.split(tl.reshape(pre, [BLOCK_M, BLOCK_N, 2]))
+    tl.store(da_ptr + rows[:, None] * N + offs_n[None, :], acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _swiglu_grad(da, pre, alpha, limit, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dpre [BLOCK_R, 2·BLOCK_N] (interleaved gate/up) from da = w·dA [BLOCK_R, BLOCK_N] and the
+    pre-activation pre [BLOCK_R, 2·BLOCK_N] (float32): the clamped SwiGLU's derivative."""
+    gate, up = tl.split(tl.reshape(pre, [BLOCK_R, BLOCK_N, 2]))
     g = tl.minimum(gate, limit)
     sig = tl.sigmoid(alpha * g)
     u = tl.minimum(tl.maximum(up, -limit), limit)
     # torch's clamp passes the gradient on the closed interval: zero only strictly beyond the limit
     dg = tl.where(gate <= limit, da * (u + 1.0) * (sig + alpha * g * sig * (1.0 - sig)), 0.0)
     du = tl.where((up >= -limit) & (up <= limit), da * g * sig, 0.0)
-    dpre = tl.reshape(tl.join(dg, du), [BLOCK_M, 2 * BLOCK_N])
-    tl.store(dpre_ptr + rows[:, None] * (2 * N) + offs_p[None, :], dpre.to(dpre_ptr.dtype.element_ty), mask=p_ok)
+    return tl.reshape(tl.join(dg, du), [BLOCK_R, 2 * BLOCK_N])
+
+
+@triton.jit
+def swiglu_bwd_kernel(da_ptr, act_ptr, pre_ptr, weights32_ptr, dpre_ptr, dw_ptr, sorted_slot_ptr, block_rows_ptr,
+                      N, alpha, limit, ROW_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per BLOCK_R sorted rows (inside one row block), walking all of I: dpre = SwiGLU'(pre) ⊙ (w·dA)
+    in the input dtype, and dw = Σ_i dA·act (float32, one value per slot, so no partials to reduce).
+    Memory-bound elementwise work, kept out of the dact GEMM's epilogue; padding rows are skipped."""
+    r0 = tl.program_id(0) * BLOCK_R
+    nrows = tl.load(block_rows_ptr + r0 // ROW_BLOCK)
+    first = r0 % ROW_BLOCK
+    if first >= nrows:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    row_ok = first + offs_r < nrows
+    rows = (r0 + offs_r).to(tl.int64)
+    slot = tl.load(sorted_slot_ptr + rows, mask=row_ok, other=0)
+    w = tl.load(weights32_ptr + slot, mask=row_ok, other=0.0)
+    dw = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ok = row_ok[:, None] & (offs_n < N)[None, :]
+        da = tl.load(da_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+        act = tl.load(act_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+        dw += tl.sum(da * act, axis=1)
+        offs_p = 2 * n0 + tl.arange(0, 2 * BLOCK_N)
+        p_ok = row_ok[:, None] & (offs_p < 2 * N)[None, :]
+        pre = tl.load(pre_ptr + rows[:, None] * (2 * N) + offs_p[None, :], mask=p_ok, other=0.0).to(tl.float32)
+        dpre = _swiglu_grad(da * w[:, None], pre, alpha, limit, BLOCK_R, BLOCK_N)
+        tl.store(dpre_ptr + rows[:, None] * (2 * N) + offs_p[None, :], dpre.to(dpre_ptr.dtype.element_ty), mask=p_ok)
+    tl.store(dw_ptr + slot, dw, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["num_m"])
@@ -192,30 +227,51 @@ def expert_grad_kernel(x_ptr, y_ptr, weights32_ptr, out_ptr, sorted_slot_ptr, co
 
 
 @triton.jit
-def bias_grad_kernel(y_ptr, weights32_ptr, out_ptr, sorted_slot_ptr, counts_ptr, N, E, stride_y,
-                     Y_TOKEN: tl.constexpr, Y_SCALED: tl.constexpr, TOPK: tl.constexpr, ROW_BLOCK: tl.constexpr,
-                     BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[e] = Σ over expert e's rows of Y (in row order, float32): the down and gate_up bias gradients."""
+def block_sums_kernel(y_ptr, weights32_ptr, part_ptr, sorted_slot_ptr, block_rows_ptr, N, stride_y,
+                      Y_TOKEN: tl.constexpr, Y_SCALED: tl.constexpr, TOPK: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """part[b] = Σ over the real rows of row block b of Y (float32, in row order): the first pass of the
+    bias gradients. One program per (row block, column tile), so the whole GPU shares an expert's rows
+    (one program per expert and column tile walking all of its rows took 0.74 ms at T = 4096)."""
+    b = tl.program_id(0)
+    nrows = tl.load(block_rows_ptr + b)
+    if nrows == 0:
+        return
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, nrows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        y = _rows_tile(y_ptr, weights32_ptr, sorted_slot_ptr, b * ROW_BLOCK, r, r < nrows, offs_n, n_ok, stride_y,
+                       Y_TOKEN, Y_SCALED, TOPK)
+        acc += tl.sum(y.to(tl.float32), axis=0)
+    tl.store(part_ptr + b.to(tl.int64) * N + offs_n, acc, mask=n_ok)
+
+
+@triton.jit
+def expert_sums_kernel(part_ptr, out_ptr, counts_ptr, N, E, ROW_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """out[e] = Σ of expert e's row-block partials in block order, cast once (an expert without rows has
+    no blocks: zeros). Fixed order, no atomics: the bias gradients stay bitwise deterministic."""
     e = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     start, cnt = _expert_rows(counts_ptr, e, E, ROW_BLOCK, BLOCK_E)
+    ptrs = part_ptr + (start // ROW_BLOCK).to(tl.int64) * N + offs_n
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, cnt, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        y = _rows_tile(y_ptr, weights32_ptr, sorted_slot_ptr, start, r, r < cnt, offs_n, n_ok, stride_y, Y_TOKEN,
-                       Y_SCALED, TOPK)
-        acc += tl.sum(y.to(tl.float32), axis=0)
+    for _ in range(0, (cnt + ROW_BLOCK - 1) // ROW_BLOCK):
+        acc += tl.load(ptrs, mask=n_ok, other=0.0)
+        ptrs += N
     tl.store(out_ptr + e.to(tl.int64) * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-@triton.jit(do_not_specialize=["T", "TK", "parts"])
-def router_grad_kernel(dwpart_ptr, parts, dout_ptr, dnb_ptr, idx_ptr, weights32_ptr, dweights_ptr, dlogits_ptr,
-                       dl_ptr, T, TK, E, H, stride_do, stride_be,
+@triton.jit(do_not_specialize=["T"])
+def router_grad_kernel(dwa_ptr, dout_ptr, dnb_ptr, idx_ptr, weights32_ptr, dweights_ptr, dlogits_ptr,
+                       dl_ptr, T, E, H, stride_do, stride_be,
                        HAS_DOUT: tl.constexpr, HAS_DW: tl.constexpr, HAS_DL: tl.constexpr, TOPK: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr,
                        BLOCK_H: tl.constexpr):
-    """dw per slot (the dact partials in order + dO·down_bias[e] + the returned weights' gradient),
+    """dw per slot (Σ_i dA·act from `swiglu_bwd_kernel` + dO·down_bias[e] + the returned weights' gradient),
     the softmax-over-k backward, scattered onto the chosen experts, plus the logits' own gradient:
     dl [T, E] float32."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -226,8 +282,7 @@ def router_grad_kernel(dwpart_ptr, parts, dout_ptr, dnb_ptr, idx_ptr, weights32_
     sel = tl.load(idx_ptr + slot, mask=slot_ok, other=0)
     dw = tl.zeros([BLOCK_T, BLOCK_TOPK], dtype=tl.float32)
     if HAS_DOUT:
-        for p in range(0, parts):
-            dw += tl.load(dwpart_ptr + p * TK + slot, mask=slot_ok, other=0.0)
+        dw += tl.load(dwa_ptr + slot, mask=slot_ok, other=0.0)
         for j in tl.static_range(TOPK):
             ej = tl.sum(tl.where(kcol[None, :] == j, sel, 0), axis=1)
             dot = tl.zeros([BLOCK_T], dtype=tl.float32)

@@ -224,7 +224,8 @@ def _splits(k_dim: int, block_k: int, wanted: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class BackwardConfig:
-    """Tile shapes of the backward. The row-block kernels (dact, dx_slot) use the forward's block_m."""
+    """Tile shapes of the backward. The row-block kernels (dact, dx_slot) use the forward's block_m;
+    their 128 x 128 x 64 tiles, 8 warps and 3 stages are the forward GEMM 2's prefill configuration."""
     block_n: int = 128       # dact columns (of I) and dx_slot columns (of H)
     block_k: int = 64
     grad_m: int = 128        # expert_grad_kernel: [grad_m, grad_n] tiles of a weight gradient,
@@ -232,11 +233,15 @@ class BackwardConfig:
     grad_k: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    swiglu_rows: int = 16    # swiglu_bwd_kernel: rows per program (at most block_m), walking I
+    swiglu_n: int = 128      # in chunks of this many activation columns (2x as many pre-activation ones)
+    bias_n: int = 256        # block_sums / expert_sums: columns per program
 
 
 def choose_backward_config() -> BackwardConfig:
     if _interpreting():  # small tiles: several K steps and column tiles even at the tests' shapes
-        return BackwardConfig(block_n=64, block_k=32, grad_m=32, grad_n=64, grad_k=16, num_warps=4, num_stages=1)
+        return BackwardConfig(block_n=64, block_k=32, grad_m=32, grad_n=64, grad_k=16, num_warps=4, num_stages=1,
+                              swiglu_rows=16, swiglu_n=64, bias_n=64)
     return BackwardConfig()
 
 
@@ -276,17 +281,21 @@ def _backward(sv, h, rw, gu_w, gu_s, dn_w, dn_s, dnb, idx, d_out, d_logits, d_we
         sd, sg = dn_w, gu_w  # unused placeholders
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    dpre = dwpart = None
-    parts = 1
+    dpre = dwa = None
     if d_out is not None:
         d_out = d_out.contiguous()
-        parts = triton.cdiv(inter, cfg.block_n)
-        dpre = torch.empty(num_m * bm, 2 * inter, device=dev, dtype=dtype)
-        dwpart = torch.empty(parts, tk, device=dev, dtype=torch.float32)
-        _moe_backward.dact_kernel[(num_m * parts,)](
-            d_out, dn_w, sd, sv["act"], sv["pre"], w32, dpre, dwpart, *blocks, inter, hid, num_m, tk,
-            d_out.stride(0), *wd, float(alpha), float(limit), TOPK=k, MXFP4=mxfp4, BLOCK_M=bm,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, IEEE=ieee, **launch)
+        rows = num_m * bm
+        da = torch.empty(rows, inter, device=dev, dtype=torch.float32)
+        _moe_backward.dact_kernel[(num_m * triton.cdiv(inter, cfg.block_n),)](
+            d_out, dn_w, sd, da, *blocks, inter, hid, num_m, d_out.stride(0), *wd, TOPK=k, MXFP4=mxfp4, BLOCK_M=bm,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, EVEN_K=hid % cfg.block_k == 0, IEEE=ieee, **launch)
+        dpre = torch.empty(rows, 2 * inter, device=dev, dtype=dtype)
+        dwa = torch.empty(tk, device=dev, dtype=torch.float32)
+        block_r = min(cfg.swiglu_rows, bm)  # bm and swiglu_rows are powers of two: block_r divides bm
+        _moe_backward.swiglu_bwd_kernel[(rows // block_r,)](
+            da, sv["act"], sv["pre"], w32, dpre, dwa, sorted_slot, sv["block_rows"], inter, float(alpha),
+            float(limit), ROW_BLOCK=bm, BLOCK_R=block_r, BLOCK_N=cfg.swiglu_n, num_warps=4)
+        del da
         grad = dict(M=cfg.grad_m, N=cfg.grad_n)
         for name, x, y, m, n, x_tok, y_tok in (("down", sv["act"], d_out, inter, hid, False, True),
                                                ("gate_up", h, dpre, hid, 2 * inter, True, False)):
@@ -299,11 +308,15 @@ def _backward(sv, h, rw, gu_w, gu_s, dn_w, dn_s, dnb, idx, d_out, d_logits, d_we
                     BLOCK_N=cfg.grad_n, BLOCK_K=cfg.grad_k, IEEE=ieee, **launch)
                 grads[name] = out
         for name, y, n, y_tok in (("down_bias", d_out, hid, True), ("gate_up_bias", dpre, 2 * inter, False)):
-            if need.get(name):
+            if need.get(name):  # two passes: per row block, then per expert over its blocks in order
+                part = torch.empty(num_m, n, device=dev, dtype=torch.float32)
+                bn = cfg.bias_n
+                _moe_backward.block_sums_kernel[(num_m, triton.cdiv(n, bn))](
+                    y, w32, part, sorted_slot, sv["block_rows"], n, y.stride(0), Y_TOKEN=y_tok, Y_SCALED=y_tok,
+                    TOPK=k, ROW_BLOCK=bm, BLOCK_R=min(32, bm), BLOCK_N=bn, num_warps=4)
                 out = torch.empty(e, n, device=dev, dtype=dtype)
-                _moe_backward.bias_grad_kernel[(e, triton.cdiv(n, 256))](
-                    y, w32, out, sorted_slot, counts, n, e, y.stride(0), Y_TOKEN=y_tok, Y_SCALED=y_tok, TOPK=k,
-                    ROW_BLOCK=bm, BLOCK_E=block_e, BLOCK_R=16, BLOCK_N=256, num_warps=4)
+                _moe_backward.expert_sums_kernel[(e, triton.cdiv(n, bn))](
+                    part, out, counts, n, e, ROW_BLOCK=bm, BLOCK_E=block_e, BLOCK_N=bn, num_warps=4)
                 grads[name] = out
 
     if not any(need.get(n) for n in ("h", "router_weight", "router_bias")):
@@ -312,8 +325,8 @@ def _backward(sv, h, rw, gu_w, gu_s, dn_w, dn_s, dnb, idx, d_out, d_logits, d_we
     d_weights = None if d_weights is None else d_weights.contiguous()
     d_logits = None if d_logits is None else d_logits.contiguous()
     _moe_backward.router_grad_kernel[(triton.cdiv(t, 16),)](
-        dwpart if dwpart is not None else dl, parts, d_out if d_out is not None else h, dnb, idx, w32,
-        d_weights if d_weights is not None else dl, d_logits if d_logits is not None else dl, dl, t, tk, e, hid,
+        dwa if dwa is not None else dl, d_out if d_out is not None else h, dnb, idx, w32,
+        d_weights if d_weights is not None else dl, d_logits if d_logits is not None else dl, dl, t, e, hid,
         d_out.stride(0) if d_out is not None else 0, dnb.stride(0), HAS_DOUT=d_out is not None,
         HAS_DW=d_weights is not None, HAS_DL=d_logits is not None, TOPK=k, BLOCK_T=16, BLOCK_E=block_e,
         BLOCK_TOPK=triton.next_power_of_2(k), BLOCK_H=64, num_warps=4)

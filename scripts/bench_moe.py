@@ -14,6 +14,7 @@ peers per (E, T) (graph replays where the implementation captures, else per call
     python scripts/bench_moe.py --sweep     # time candidate tile shapes instead (SWEEP below)
     python scripts/bench_moe.py --profile   # device time of each of our kernels (torch.profiler)
     python scripts/bench_moe.py --backward --experts 32 --tokens 4096   # forward vs forward + backward
+    python scripts/bench_moe.py --backward-sweep --experts 32 --tokens 4096  # backward tile shapes (BWD_SWEEP)
     python scripts/bench_moe.py --dry-run [--backward|--sweep|--profile]  # CPU, Triton interpreter, tiny
 """
 from __future__ import annotations
@@ -315,13 +316,14 @@ def profile_backward(args, activity, torch_profile):
                     step()
                 sync()
             total = 0.0
+            first = len(lines)
             for ev in prof.key_averages():
                 us = (ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total) / 10
                 if us > 0:
                     total += us
                     lines.append([e, t, "bf16 fwd+bwd", ev.key[:60], f"{us:.1f}"])
             lines.append([e, t, "bf16 fwd+bwd", "sum of kernels", f"{total:.1f}"])
-            print(tabulate(lines[-14:], tablefmt="plain"), flush=True)
+            print(tabulate(lines[first:], tablefmt="plain"), flush=True)
         del w
         empty_cache()
     return tabulate(lines, headers=["E", "T", "experts", "kernel", "us per call"], tablefmt="github")
@@ -416,6 +418,54 @@ def backward(args, flush, bandwidth):
     return rows
 
 
+B = kmoe.BackwardConfig
+# candidate backward tile shapes (bf16 experts, every input trainable); the first is choose_backward_config's
+BWD_SWEEP = [B(), B(grad_n=256), B(grad_warps=4), B(grad_warps=4, grad_stages=4), B(grad_k=32, grad_stages=4),
+             B(block_n=256), B(num_stages=4), B(swiglu_rows=32, swiglu_n=64), B(bias_n=128)]
+
+
+def backward_sweep(args, flush, bandwidth):
+    """fwd + bwd per call (CUDA events) for each of BWD_SWEEP, with the gradients' largest relative
+    difference to the first configuration's (float32 summation order: ~1e-3 in bf16; larger is a bug)."""
+    rows = []
+    deadline = time.time() + args.sweep_budget
+    default = kmoe.choose_backward_config
+    for e in args.experts:
+        w = layer(e)
+        for t in args.tokens:
+            h = torch.randn(t, H, device=DEV).to(DT)
+            grad = torch.randn(t, H, device=DEV).to(DT)
+            leaves = {n: (h if n == "h" else w[n]).detach().clone().requires_grad_(True) for n in TRAINABLE["bf16"]}
+
+            def step(x=leaves):
+                for v in x.values():
+                    v.grad = None
+                kmoe.fused_moe(x["h"], x["rw"], x["rb"], x["gu"], x["gub"], x["dn"], x["dnb"], k=K, alpha=ALPHA,
+                               limit=LIMIT)[0].backward(grad)
+            first = None
+            for cfg in BWD_SWEEP if not DRY else [default()]:
+                if time.time() > deadline:
+                    print("backward sweep: out of time", flush=True)
+                    return rows
+                kmoe.choose_backward_config = lambda cfg=cfg: cfg
+                try:
+                    step()
+                    got = {n: x.grad.float().clone() for n, x in leaves.items()}
+                    first = first or got
+                    diff = max(((got[n] - first[n]).norm() / first[n].norm().clamp_min(1e-30)).item() for n in got)
+                    ms = time_events(step)
+                    rows.append([str(cfg), e, t, f"{ms:.3f}", f"{diff:.1e}"])
+                    print("  ", rows[-1], flush=True)
+                    flush(rows)
+                except Exception as exc:
+                    print(f"backward sweep {cfg} E={e} T={t}: {type(exc).__name__}: {exc}", flush=True)
+                finally:
+                    kmoe.choose_backward_config = default
+        del w
+        empty_cache()
+    return rows
+
+
 def timed_backward(name, e, t, infer, call, leaves, grad):
     """[name, E, T, forward ms (inference), forward under autograd ms, forward + backward ms, ratio]."""
     def first(out):
@@ -464,6 +514,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-budget", type=float, default=150.0, help="seconds")
     p.add_argument("--profile", action="store_true", help="device time per kernel of ours instead")
     p.add_argument("--backward", action="store_true", help="forward against forward + backward instead")
+    p.add_argument("--backward-sweep", action="store_true", help="time the backward's candidate tile shapes")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, H = I = 64: check the script")
     p.add_argument("--out", help="markdown file to write (atomically)")
     args = p.parse_args(argv)
@@ -482,6 +533,8 @@ def main(argv=None) -> int:
     if args.backward:
         cols = ["implementation", "E", "T", "fwd ms (inference)", "fwd ms (autograd)", "fwd+bwd ms",
                 "fwd+bwd / fwd"]
+    if args.backward_sweep:
+        cols = ["backward config", "E", "T", "fwd+bwd ms", "max rel diff of gradients vs first"]
 
     def flush(rows, summary=None):
         """Rewrite the tables after every step, so a cut-off run still leaves them."""
@@ -501,6 +554,8 @@ def main(argv=None) -> int:
         text = flush(sweep(args, flush, bandwidth))
     elif args.backward:
         text = flush(backward(args, flush, bandwidth))
+    elif args.backward_sweep:
+        text = flush(backward_sweep(args, flush, bandwidth))
     else:
         text = flush(*bench(args, flush, bandwidth))
     print(text, flush=True)

@@ -231,17 +231,19 @@ class BackwardConfig:
     grad_m: int = 128        # expert_grad_kernel: [grad_m, grad_n] tiles of a weight gradient,
     grad_n: int = 128        # K = the expert's rows, grad_k at a time
     grad_k: int = 64
-    num_warps: int = 8
+    num_warps: int = 8       # dact and dx_slot
     num_stages: int = 3
+    grad_warps: int = 8      # expert_grad_kernel
+    grad_stages: int = 3
     swiglu_rows: int = 16    # swiglu_bwd_kernel: rows per program (at most block_m), walking I
     swiglu_n: int = 128      # in chunks of this many activation columns (2x as many pre-activation ones)
-    bias_n: int = 256        # block_sums / expert_sums: columns per program
+    bias_n: int = 256        # gather_scaled / block_sums / expert_sums: columns per program
 
 
 def choose_backward_config() -> BackwardConfig:
     if _interpreting():  # small tiles: several K steps and column tiles even at the tests' shapes
         return BackwardConfig(block_n=64, block_k=32, grad_m=32, grad_n=64, grad_k=16, num_warps=4, num_stages=1,
-                              swiglu_rows=16, swiglu_n=64, bias_n=64)
+                              grad_warps=4, grad_stages=1, swiglu_rows=16, swiglu_n=64, bias_n=64)
     return BackwardConfig()
 
 
@@ -296,24 +298,29 @@ def _backward(sv, h, rw, gu_w, gu_s, dn_w, dn_s, dnb, idx, d_out, d_logits, d_we
             da, sv["act"], sv["pre"], w32, dpre, dwa, sorted_slot, sv["block_rows"], inter, float(alpha),
             float(limit), ROW_BLOCK=bm, BLOCK_R=block_r, BLOCK_N=cfg.swiglu_n, num_warps=4)
         del da
-        grad = dict(M=cfg.grad_m, N=cfg.grad_n)
-        for name, x, y, m, n, x_tok, y_tok in (("down", sv["act"], d_out, inter, hid, False, True),
-                                               ("gate_up", h, dpre, hid, 2 * inter, True, False)):
+        ys = None
+        if need.get("down") or need.get("down_bias"):  # w·dO in sorted rows: both down gradients read it
+            ys = torch.empty(rows, hid, device=dev, dtype=dtype)
+            _moe_backward.gather_scaled_kernel[(num_m, triton.cdiv(hid, cfg.bias_n))](
+                d_out, w32, ys, sorted_slot, sv["block_rows"], hid, d_out.stride(0), TOPK=k, ROW_BLOCK=bm,
+                BLOCK_R=min(32, bm), BLOCK_N=cfg.bias_n, num_warps=4)
+        for name, x, y, m, n, x_tok in (("down", sv["act"], ys, inter, hid, False),
+                                        ("gate_up", h, dpre, hid, 2 * inter, True)):
             if need.get(name):
                 out = torch.empty(e, m, n, device=dev, dtype=dtype)
-                tiles = triton.cdiv(m, grad["M"]) * triton.cdiv(n, grad["N"])
+                tiles = triton.cdiv(m, cfg.grad_m) * triton.cdiv(n, cfg.grad_n)
                 _moe_backward.expert_grad_kernel[(e * tiles,)](
-                    x, y, w32, out, sorted_slot, counts, m, n, e, x.stride(0), y.stride(0), X_TOKEN=x_tok,
-                    Y_TOKEN=y_tok, Y_SCALED=y_tok, TOPK=k, ROW_BLOCK=bm, BLOCK_E=block_e, BLOCK_M=cfg.grad_m,
-                    BLOCK_N=cfg.grad_n, BLOCK_K=cfg.grad_k, IEEE=ieee, **launch)
+                    x, y, out, sorted_slot, counts, m, n, e, x.stride(0), y.stride(0), X_TOKEN=x_tok, TOPK=k,
+                    ROW_BLOCK=bm, BLOCK_E=block_e, BLOCK_M=cfg.grad_m, BLOCK_N=cfg.grad_n, BLOCK_K=cfg.grad_k,
+                    IEEE=ieee, num_warps=cfg.grad_warps, num_stages=cfg.grad_stages)
                 grads[name] = out
-        for name, y, n, y_tok in (("down_bias", d_out, hid, True), ("gate_up_bias", dpre, 2 * inter, False)):
+        for name, y, n in (("down_bias", ys, hid), ("gate_up_bias", dpre, 2 * inter)):
             if need.get(name):  # two passes: per row block, then per expert over its blocks in order
                 part = torch.empty(num_m, n, device=dev, dtype=torch.float32)
                 bn = cfg.bias_n
                 _moe_backward.block_sums_kernel[(num_m, triton.cdiv(n, bn))](
-                    y, w32, part, sorted_slot, sv["block_rows"], n, y.stride(0), Y_TOKEN=y_tok, Y_SCALED=y_tok,
-                    TOPK=k, ROW_BLOCK=bm, BLOCK_R=min(32, bm), BLOCK_N=bn, num_warps=4)
+                    y, part, sv["block_rows"], n, y.stride(0), ROW_BLOCK=bm, BLOCK_R=min(32, bm), BLOCK_N=bn,
+                    num_warps=4)
                 out = torch.empty(e, n, device=dev, dtype=dtype)
                 _moe_backward.expert_sums_kernel[(e, triton.cdiv(n, bn))](
                     part, out, counts, n, e, ROW_BLOCK=bm, BLOCK_E=block_e, BLOCK_N=bn, num_warps=4)

@@ -9,9 +9,9 @@ routing weight w:
   dw_s   = dA_s · act_s + dO_t · down_bias[e]   (`swiglu_bwd_kernel`; + the returned weights' gradient)
   dpre_s = SwiGLU'(pre_s) ⊙ (w · dA_s)          (`swiglu_bwd_kernel`; zero where a clamp is active)
   dX_s   = dpre_s @ gate_up[e]^T               (`dx_slot_kernel`, float32, slot order)
-  d down[e]    = Σ_s act_s^T (w · dO_t)       (`expert_grad_kernel`, rows of e as K; w·dO gathered
-                                               into sorted rows first by `gather_scaled_kernel`)
-  d gate_up[e] = Σ_s h_t^T dpre_s             (same kernel)
+  d down[e]    = Σ_s act_s^T (w · dO_t)       (`expert_grad_kernel`, rows of e as K)
+  d gate_up[e] = Σ_s h_t^T dpre_s             (same kernel; w·dO and h first gathered into sorted
+                                               rows by `gather_rows_kernel`)
   d biases     = Σ_s over each expert's rows  (`block_sums_kernel` per row block, then
                                                `expert_sums_kernel` over the expert's blocks)
   d logits     = softmax backward of dw over the chosen k, scattered (`router_grad_kernel`)
@@ -180,25 +180,14 @@ def _expert_rows(counts_ptr, e, E, ROW_BLOCK: tl.constexpr, BLOCK_E: tl.constexp
 
 
 @triton.jit
-def _rows_tile(ptr, sorted_slot_ptr, start, r, r_ok, offs_c, c_ok, stride, BY_TOKEN: tl.constexpr,
-               TOPK: tl.constexpr):
-    """[rows, cols] of a per-row operand: sorted rows directly, or the token's row (gathered through
-    the slot)."""
-    if BY_TOKEN:
-        slot = tl.load(sorted_slot_ptr + start + r, mask=r_ok, other=0)
-        row = (slot // TOPK).to(tl.int64)
-    else:
-        row = (start + r).to(tl.int64)
-    return tl.load(ptr + row[:, None] * stride + offs_c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-
-
-@triton.jit
-def gather_scaled_kernel(y_ptr, weights32_ptr, out_ptr, sorted_slot_ptr, block_rows_ptr, N, stride_y,
-                         TOPK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[row] = w_slot · dO[token] (float32 product rounded once to the input dtype, as the reference's
-    autograd rounds it) for the real rows of row block b, in sorted order. The down weight and bias
-    gradients then read plain contiguous rows: gathered and scaled inside expert_grad's K loop, every
-    dO tile went through registers for the multiply before the MMA."""
+def gather_rows_kernel(y_ptr, weights32_ptr, out_ptr, sorted_slot_ptr, block_rows_ptr, N, stride_y,
+                       SCALED: tl.constexpr, TOPK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """out[row] = Y[token] (h), or w_slot · Y[token] (w·dO: the float32 product rounded once to the input
+    dtype, as the reference's autograd rounds it), for the real rows of row block b, in sorted order.
+    The weight gradients then read both operands as plain contiguous rows, fully pipelined: gathered
+    through the slot in expert_grad's K loop the loads were pipelined one stage shallower (the index
+    load takes a stage), and scaled there every dO tile went through registers before the MMA."""
     b = tl.program_id(0)
     nrows = tl.load(block_rows_ptr + b)
     if nrows == 0:
@@ -210,19 +199,20 @@ def gather_scaled_kernel(y_ptr, weights32_ptr, out_ptr, sorted_slot_ptr, block_r
         r_ok = r < nrows
         rows = (b * ROW_BLOCK + r).to(tl.int64)
         slot = tl.load(sorted_slot_ptr + rows, mask=r_ok, other=0)
-        w = tl.load(weights32_ptr + slot, mask=r_ok, other=0.0)
         ok = r_ok[:, None] & n_ok[None, :]
         y = tl.load(y_ptr + (slot // TOPK).to(tl.int64)[:, None] * stride_y + offs_n[None, :], mask=ok, other=0.0)
-        y = (y.to(tl.float32) * w[:, None]).to(out_ptr.dtype.element_ty)
+        if SCALED:
+            w = tl.load(weights32_ptr + slot, mask=r_ok, other=0.0)
+            y = (y.to(tl.float32) * w[:, None]).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], y, mask=ok)
 
 
 @triton.jit
-def expert_grad_kernel(x_ptr, y_ptr, out_ptr, sorted_slot_ptr, counts_ptr, M, N, E, stride_x, stride_y,
-                       X_TOKEN: tl.constexpr, TOPK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """out[e] = X_e^T @ Y_e over expert e's rows (K = its row count; Y in sorted rows, X sorted or
-    gathered by token): d down = act^T (w·dO) and d gate_up = h^T dpre. An expert with no rows gets zeros."""
+def expert_grad_kernel(x_ptr, y_ptr, out_ptr, counts_ptr, M, N, E, stride_x, stride_y, ROW_BLOCK: tl.constexpr,
+                       BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       IEEE: tl.constexpr):
+    """out[e] = X_e^T @ Y_e over expert e's rows (K = its row count; both in sorted rows): d down =
+    act^T (w·dO) and d gate_up = h^T dpre. An expert with no rows gets zeros."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
@@ -238,8 +228,9 @@ def expert_grad_kernel(x_ptr, y_ptr, out_ptr, sorted_slot_ptr, counts_ptr, M, N,
     for r0 in range(0, cnt, BLOCK_K):
         r = r0 + tl.arange(0, BLOCK_K)
         r_ok = r < cnt
-        x = _rows_tile(x_ptr, sorted_slot_ptr, start, r, r_ok, offs_m, m_ok, stride_x, X_TOKEN, TOPK)
-        y = _rows_tile(y_ptr, sorted_slot_ptr, start, r, r_ok, offs_n, n_ok, stride_y, False, TOPK)
+        rows = (start + r).to(tl.int64)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + offs_m[None, :], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+        y = tl.load(y_ptr + rows[:, None] * stride_y + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(acc, tl.trans(x), y, IEEE)
     ptrs = out_ptr + e.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

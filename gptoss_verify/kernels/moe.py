@@ -237,7 +237,7 @@ class BackwardConfig:
     grad_stages: int = 3
     swiglu_rows: int = 16    # swiglu_bwd_kernel: rows per program (at most block_m), walking I
     swiglu_n: int = 128      # in chunks of this many activation columns (2x as many pre-activation ones)
-    bias_n: int = 256        # gather_scaled / block_sums / expert_sums: columns per program
+    bias_n: int = 256        # gather_rows / block_sums / expert_sums: columns per program
 
 
 def choose_backward_config() -> BackwardConfig:
@@ -299,21 +299,28 @@ def _backward(sv, h, rw, gu_w, gu_s, dn_w, dn_s, dnb, idx, d_out, d_logits, d_we
             float(limit), ROW_BLOCK=bm, BLOCK_R=block_r, BLOCK_N=cfg.swiglu_n, num_warps=4)
         del da
         ys = None
+        gather = dict(ROW_BLOCK=bm, BLOCK_R=min(32, bm), BLOCK_N=cfg.bias_n, num_warps=4)
         if need.get("down") or need.get("down_bias"):  # w·dO in sorted rows: both down gradients read it
             ys = torch.empty(rows, hid, device=dev, dtype=dtype)
-            _moe_backward.gather_scaled_kernel[(num_m, triton.cdiv(hid, cfg.bias_n))](
-                d_out, w32, ys, sorted_slot, sv["block_rows"], hid, d_out.stride(0), TOPK=k, ROW_BLOCK=bm,
-                BLOCK_R=min(32, bm), BLOCK_N=cfg.bias_n, num_warps=4)
-        for name, x, y, m, n, x_tok in (("down", sv["act"], ys, inter, hid, False),
-                                        ("gate_up", h, dpre, hid, 2 * inter, True)):
-            if need.get(name):
-                out = torch.empty(e, m, n, device=dev, dtype=dtype)
-                tiles = triton.cdiv(m, cfg.grad_m) * triton.cdiv(n, cfg.grad_n)
-                _moe_backward.expert_grad_kernel[(e * tiles,)](
-                    x, y, out, sorted_slot, counts, m, n, e, x.stride(0), y.stride(0), X_TOKEN=x_tok, TOPK=k,
-                    ROW_BLOCK=bm, BLOCK_E=block_e, BLOCK_M=cfg.grad_m, BLOCK_N=cfg.grad_n, BLOCK_K=cfg.grad_k,
-                    IEEE=ieee, num_warps=cfg.grad_warps, num_stages=cfg.grad_stages)
-                grads[name] = out
+            _moe_backward.gather_rows_kernel[(num_m, triton.cdiv(hid, cfg.bias_n))](
+                d_out, w32, ys, sorted_slot, sv["block_rows"], hid, d_out.stride(0), SCALED=True, TOPK=k, **gather)
+        for name, m, n in (("down", inter, hid), ("gate_up", hid, 2 * inter)):
+            if not need.get(name):
+                continue
+            if name == "down":
+                x, y = sv["act"], ys
+            else:  # h in sorted rows
+                x, y = torch.empty(rows, hid, device=dev, dtype=dtype), dpre
+                _moe_backward.gather_rows_kernel[(num_m, triton.cdiv(hid, cfg.bias_n))](
+                    h, w32, x, sorted_slot, sv["block_rows"], hid, h.stride(0), SCALED=False, TOPK=k, **gather)
+            out = torch.empty(e, m, n, device=dev, dtype=dtype)
+            tiles = triton.cdiv(m, cfg.grad_m) * triton.cdiv(n, cfg.grad_n)
+            _moe_backward.expert_grad_kernel[(e * tiles,)](
+                x, y, out, counts, m, n, e, x.stride(0), y.stride(0), ROW_BLOCK=bm, BLOCK_E=block_e,
+                BLOCK_M=cfg.grad_m, BLOCK_N=cfg.grad_n, BLOCK_K=cfg.grad_k, IEEE=ieee, num_warps=cfg.grad_warps,
+                num_stages=cfg.grad_stages)
+            grads[name] = out
+            del x
         for name, y, n in (("down_bias", ys, hid), ("gate_up_bias", dpre, 2 * inter)):
             if need.get(name):  # two passes: per row block, then per expert over its blocks in order
                 part = torch.empty(num_m, n, device=dev, dtype=torch.float32)

@@ -9,10 +9,11 @@ routing is chosen on the float32 logits (lowest expert index wins an exact tie) 
 logits are those rounded to the input dtype.
 
 Backward, fused too (`_moe_backward`): under autograd the forward keeps its routing, the activation
-and the gate/up pre-activation, and the backward runs the dact GEMM (with the clamped-SwiGLU
-derivative and the routing-weight gradient in its epilogue), the weight and bias gradients per
-expert, dX per slot, the router backward and a deterministic combine. MXFP4 experts are frozen
-(gradients of h, the router and the biases).
+and the gate/up pre-activation, and the backward runs the dact GEMM (a plain GEMM, float32 out), an
+elementwise pass for the clamped-SwiGLU derivative and the routing-weight gradient, the weight
+gradients per expert on rows gathered once into expert order, the bias gradients in two fixed-order
+passes (row blocks, then experts), dX per slot, the router backward and a deterministic combine.
+MXFP4 experts are frozen (gradients of h, the router and the biases).
 """
 from __future__ import annotations
 

@@ -19,6 +19,8 @@
 #   attntests  tests/kernels/test_attention.py on the GPU (every shape of the interpreter grid, bf16 too)
 #   tunedecode scripts/tune_attention.py --decode: decode tiles x key splits replayed as CUDA graphs
 #   tunetma    scripts/tune_attention.py --tma: prefill tiles by pointers, through TMA, TMA + warp specialisation
+#   moebwdsweep    scripts/bench_moe.py --backward-sweep: fwd + bwd per backward tile shape (BWD_SWEEP),
+#              E = 32, T = 4096, with the sm_90 compile stats of the default (compile_moe_backward.py)
 #   attention  scripts/bench_attention.py: the cases of issue 19 with FlashAttention-4 (flex left out: its
 #              compile per case costs minutes of device time; its rows are in reports/gpu-2026-12-02-h200)
 set -u -o pipefail
@@ -88,6 +90,11 @@ for s in "$@"; do
     moebwdprofile)
       TAIL=16 step moe-backward-profile ${MOEBWDPROF_S:-90} python3 scripts/bench_moe.py --profile --backward \
         --experts 32 --tokens 4096 --out "$RES/moe-backward-profile.md" ;;
+    moebwdsweep)
+      TAIL=12 step moe-backward-compile 120 python3 scripts/compile_moe_backward.py
+      TAIL=14 step moe-backward-sweep ${MOEBWDSWEEP_S:-240} python3 scripts/bench_moe.py --backward-sweep \
+        --experts 32 --tokens 4096 --sweep-budget $(( ${MOEBWDSWEEP_S:-240} - 30 )) \
+        --out "$RES/moe-backward-sweep.md" ;;
     attention)
       TAIL=60 step attention-bench ${ATTN_S:-360} python3 scripts/bench_attention.py --skip flex \
         --cases "causal S=4096" "causal S=16384" "window 128 S=4096" "window 128 S=65536" \

@@ -270,6 +270,16 @@ def test_backward_gradient_truth_rule(fmt, dtype):
     check_gradient_truth_rule(layer, dtype, mx, f"backward {fmt} {dtype}", seed=3)
 
 
+def test_backward_ragged_hidden_size():
+    """H = 80, not a multiple of the backward's K step or column tiles: the dact GEMM's masked K loop,
+    ragged column tiles in dx_slot, the gathers and the bias sums; the gradient truth rule holds."""
+    from gptoss_verify.kernels import moe as kmoe
+    cfg = kmoe.choose_backward_config()
+    assert 80 % cfg.block_k and 80 % cfg.block_n and 80 % cfg.bias_n
+    layer = make_layer(29, 80, 96, 8, seed=9)
+    check_gradient_truth_rule(layer, torch.float32, None, "backward, H = 80", seed=11)
+
+
 def test_backward_wide_row_blocks_and_empty_experts(monkeypatch):
     """The backward's row-block passes (bias sums per row block, then per expert over its blocks in
     order; the SwiGLU backward over sub-blocks of rows) with row blocks wider than their row tiles:

@@ -18,7 +18,10 @@ routing weight w:
   dh_t = Σ_j dX_(t,j) + dlogits_t @ router_weight  (`dx_combine_kernel`, fixed order)
   d router_weight = dlogits^T @ h, d router_bias = Σ_t dlogits  (`router_wgrad_kernel` + reduce)
 
-No float atomics: every sum runs in a fixed order, so the backward is bitwise deterministic.
+No float atomics. The sums over an expert's rows (its weight and bias gradients) run in the rows'
+sorted order, which on a GPU follows the top-k kernel's integer atomics: those gradients can differ
+from run to run by float32 summation order (the forward's values do not depend on it). Every other
+sum (dX, dw, the router's) runs in a fixed order and is bitwise repeatable.
 MXFP4 experts are read transposed ([K = out, N = in], packed along N) and decoded with
 `mxfp4.decode_tile` (tl.dot_scaled packs along K only).
 """
@@ -263,7 +266,7 @@ def block_sums_kernel(y_ptr, part_ptr, block_rows_ptr, N, stride_y, ROW_BLOCK: t
 def expert_sums_kernel(part_ptr, out_ptr, counts_ptr, N, E, ROW_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     """out[e] = Σ of expert e's row-block partials in block order, cast once (an expert without rows has
-    no blocks: zeros). Fixed order, no atomics: the bias gradients stay bitwise deterministic."""
+    no blocks: zeros). A fixed order of blocks, no float atomics."""
     e = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N

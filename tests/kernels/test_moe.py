@@ -284,8 +284,9 @@ def test_backward_wide_row_blocks_and_empty_experts(monkeypatch):
     """The backward's row-block passes (bias sums per row block, then per expert over its blocks in
     order; the SwiGLU backward over sub-blocks of rows) with row blocks wider than their row tiles:
     groups ragged over several blocks, row tiles that are all padding, experts without rows. The
-    gradient truth rule holds there, the gradients equal those at narrow blocks up to float32
-    summation order, and a repeat is bitwise equal."""
+    gradient truth rule holds there, and the gradients equal those at narrow blocks and of a repeat up
+    to float32 summation order (bitwise for those summed in a fixed order: h and the router; the expert
+    sums follow the rows' order inside a group, which on a GPU follows the integer atomics)."""
     from dataclasses import replace
 
     from gptoss_verify.kernels import moe as kmoe
@@ -310,7 +311,9 @@ def test_backward_wide_row_blocks_and_empty_experts(monkeypatch):
     assert counts.max() > 64 and (counts[counts > 0] % 64 != 0).all() and (counts == 0).any(), counts
     for name, a, b, c in zip(DENSE_INPUTS, narrow, wide, again):
         assert rel(b, a) < 1e-5, name
-        assert torch.equal(b, c), name
+        assert rel(c, b) < 1e-5, name
+        if name in ("h", "router_weight", "router_bias"):
+            assert torch.equal(b, c), name
     check_gradient_truth_rule(layer, torch.float32, None, "backward, 64-row blocks, skewed", seed=7)
 
 

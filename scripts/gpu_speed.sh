@@ -18,7 +18,6 @@
 #              source on PYTHONPATH): ours, transformers eager, openai-torch, megatron-core on one GPU
 #   attntests  tests/kernels/test_attention.py on the GPU (every shape of the interpreter grid, bf16 too)
 #   tunedecode scripts/tune_attention.py --decode: decode tiles x key splits replayed as CUDA graphs
-#   tunetma    scripts/tune_attention.py --tma: prefill tiles by pointers, through TMA, TMA + warp specialisation
 #   moebwdsweep    scripts/bench_moe.py --backward-sweep: fwd + bwd per backward tile shape (BWD_SWEEP),
 #              E = 32, T = 4096, with the sm_90 compile stats of the default (compile_moe_backward.py)
 #   attention  scripts/bench_attention.py: the cases of issue 19 with FlashAttention-4 (flex left out: its
@@ -68,8 +67,6 @@ for s in "$@"; do
     tunedecode)
       TAIL=40 step tune-decode ${TUNEDECODE_S:-240} python3 scripts/tune_attention.py --decode \
         --out "$RES/decode-tune.md" ;;
-    tunetma)
-      TAIL=80 step tune-tma ${TUNETMA_S:-240} python3 scripts/tune_attention.py --tma --out "$RES/tma-tune.md" ;;
     parity120b)
       nvidia-smi --query-gpu=memory.used --format=csv,noheader -lms 500 > "$RES/parity-120b-memory.csv" 2>&1 &
       smi=$!

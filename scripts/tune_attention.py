@@ -34,8 +34,7 @@ DECODE = [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn in (64, 128) for w
 
 
 def label(cfg):
-    short = {"BLOCK_M": "M", "BLOCK_N": "N", "num_warps": "w", "num_stages": "s", "SPLIT_MASK": "split", "TMA": "tma",
-             "WS": "ws"}
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "num_warps": "w", "num_stages": "s", "SPLIT_MASK": "split"}
     return " ".join(f"{short[k]}={int(v) if isinstance(v, bool) else v}" for k, v in cfg.items())
 
 
@@ -75,13 +74,8 @@ def main():
     parser.add_argument("--decode", action="store_true",
                         help="only decode, replayed as a CUDA graph (as a serving loop runs it): tiles x splits, "
                              "against the copy bandwidth measured in this run")
-    parser.add_argument("--tma", action="store_true",
-                        help="only prefill: the chosen tiles and a few others, by pointers, through TMA descriptors, "
-                             "and through TMA with the unmasked loop warp-specialised")
     args = parser.parse_args()
     tables = []
-    if args.tma:
-        return report(tma_sweep(), args.out)
     if args.decode:
         return report(decode_graph_sweep(), args.out)
     if args.wide:
@@ -122,26 +116,6 @@ def main():
         tables.append(f"### decode B={b} KV={sk}, splits\n\n"
                       + tabulate(rows, headers=["splits", "ms", "K/V GB/s"], tablefmt="github"))
     report(tables, args.out)
-
-
-def tma_sweep():
-    """Prefill tiles with K/V loaded by pointers, through TMA descriptors, and through TMA with a
-    warp-specialised loop (a failure to compile is a row saying so)."""
-    from gptoss_verify.kernels.attention import CONFIGS
-    tables = []
-    for sq, window, kind in ((4096, None, "prefill"), (16384, None, "prefill_long"), (4096, 128, "prefill_window"),
-                             (65536, 128, "prefill_window")):
-        q, k, v, s = inputs(1, sq, sq)
-        base = {key: val for key, val in CONFIGS[kind].items()}
-        shapes = [base] + [dict(base, BLOCK_M=bm, BLOCK_N=bn, num_warps=w) for bm, bn, w in
-                           ((128, 64, 8), (128, 128, 8), (128, 64, 4), (64, 64, 4)) if (bm, bn, w) !=
-                           (base["BLOCK_M"], base["BLOCK_N"], base["num_warps"])]
-        configs = [dict(c, **extra) for c in shapes for extra in ({}, dict(TMA=True), dict(TMA=True, WS=True))]
-        fn = lambda cfg: (lambda: attention_forward(q, k, v, s, window=window, path="prefill",  # noqa: E731
-                                                    overrides={kind: cfg}))
-        tables.append(sweep(f"{kind}, S={sq}, window={window} (pointers / TMA / TMA + warp specialisation)",
-                            configs, fn, causal_flops(sq, window)))
-    return tables
 
 
 def decode_graph_sweep():

@@ -40,7 +40,7 @@ def _dq_keys(dq, q, do, lse2, delta, k_ptr, v_ptr, sks, svs, offs_d, q_pos, lo, 
             p = tl.where(_visible(q_pos, offs_n, n_k, k_start, window, SLIDING), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)  # accumulate in place
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     return dq
 
 
@@ -99,10 +99,10 @@ def _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, l_ptr, delta_ptr, sqs, offs_d, of
         if MASKED:
             visible = _visible(q_start + offs_m, offs_n, n_k, k_start, window, SLIDING) & (offs_m[:, None] < n_q)
             p = tl.where(visible, p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PREC)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     return dk, dv
 
 

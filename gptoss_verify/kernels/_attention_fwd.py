@@ -16,32 +16,19 @@ from ._attention_masks import _group_rows, _query_block, _split_key_range, _visi
 
 
 @triton.jit
-def _key_block(ptr, desc, b, kvh, start_n, offs_n, stride, offs_d, n_k, BLOCK_N: tl.constexpr, D: tl.constexpr,
-               MASKED: tl.constexpr, TMA: tl.constexpr):
-    """Keys (or values) [start_n, start_n + BLOCK_N) of one (sequence, kv head) as a [BLOCK_N, D]
-    tile: through a TMA descriptor over [B, S, Hkv, D] (rows past the end read as zero), or by
-    pointers (masked only where the block may run past the end)."""
-    if TMA:
-        return desc.load([b, start_n, kvh, 0]).reshape(BLOCK_N, D)
-    if MASKED:
-        return tl.load(ptr + offs_n[:, None] * stride + offs_d[None, :], mask=offs_n[:, None] < n_k, other=0.0)
-    return tl.load(ptr + offs_n[:, None] * stride + offs_d[None, :])
-
-
-@triton.jit
 def _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, lo, hi, n_k, k_start, window,
                          qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SLIDING: tl.constexpr,
-                         PREC: tl.constexpr, K_DESC, V_DESC, b, kvh, D: tl.constexpr, TMA: tl.constexpr,
-                         WS: tl.constexpr):
+                         PREC: tl.constexpr):
     """Accumulate keys [lo, hi) into (acc, l, m); MASKED=False only for whole visible blocks.
     m is kept in scaled (base-2) units while the scores stay unscaled, so the scale and the max
     subtraction are one fused multiply-add per score (the loop is bound by per-score instructions
-    at head_dim 64), and P·V accumulates into acc in place (no second accumulator and add).
-    TMA: K/V tiles through descriptors; WS: ask Triton to warp-specialise the loop (loads in a
-    producer warp, the softmax and MMAs in consumers), where the compiler supports it."""
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+    at head_dim 64: 3-8 % faster prefill on the H200, reports/gpu-2026-12-04-h200/README.md)."""
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _key_block(k_ptr, K_DESC, b, kvh, start_n, offs_n, sks, offs_d, n_k, BLOCK_N, D, MASKED, TMA)
+        if MASKED:
+            k = tl.load(k_ptr + offs_n[:, None] * sks + offs_d[None, :], mask=offs_n[:, None] < n_k, other=0.0)
+        else:
+            k = tl.load(k_ptr + offs_n[:, None] * sks + offs_d[None, :])
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if MASKED:
             qk = tl.where(_visible(q_pos, offs_n, n_k, k_start, window, SLIDING), qk, float("-inf"))
@@ -53,9 +40,11 @@ def _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos
         p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _key_block(v_ptr, V_DESC, b, kvh, start_n, offs_n, svs, offs_d, n_k, BLOCK_N, D, MASKED, TMA)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        if MASKED:
+            v = tl.load(v_ptr + offs_n[:, None] * svs + offs_d[None, :], mask=offs_n[:, None] < n_k, other=0.0)
+        else:
+            v = tl.load(v_ptr + offs_n[:, None] * svs + offs_d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -66,13 +55,10 @@ def _attn_fwd(Q, K, V, S, O, L,
               n_q, n_k, q_start, k_start, window, qk_scale,
               HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, PREC: tl.constexpr,
-              SPLIT_MASK: tl.constexpr, K_DESC=None, V_DESC=None, TMA: tl.constexpr = False,
-              WS: tl.constexpr = False):
+              SPLIT_MASK: tl.constexpr):
     """Prefill: grid (B·Hq, query blocks); the last query blocks (most keys) are issued first.
     SPLIT_MASK: whole visible key blocks run a loop without the mask (pays on long rows); without
-    it one masked loop covers all keys (pays on a narrow window: one pipelined loop, not three).
-    TMA/WS (prefill tiles that ask for them): K/V through descriptors, the unmasked loop
-    warp-specialised."""
+    it one masked loop covers all keys (pays on a narrow window: one pipelined loop, not three)."""
     b, h, kvh, first_row = _query_block(HQ, GROUP, BLOCK_M)
     offs_m = first_row + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -90,18 +76,14 @@ def _attn_fwd(Q, K, V, S, O, L,
     v_ptr = V + b * svb + kvh * svh
     if SPLIT_MASK:
         acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, lo, a, n_k,
-                                             k_start, window, qk_scale, BLOCK_N, True, SLIDING, PREC,
-                                             K_DESC, V_DESC, b, kvh, D, TMA, False)
+                                             k_start, window, qk_scale, BLOCK_N, True, SLIDING, PREC)
         acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, a, c, n_k,
-                                             k_start, window, qk_scale, BLOCK_N, False, SLIDING, PREC,
-                                             K_DESC, V_DESC, b, kvh, D, TMA, WS)
+                                             k_start, window, qk_scale, BLOCK_N, False, SLIDING, PREC)
         acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, c, hi, n_k,
-                                             k_start, window, qk_scale, BLOCK_N, True, SLIDING, PREC,
-                                             K_DESC, V_DESC, b, kvh, D, TMA, False)
+                                             k_start, window, qk_scale, BLOCK_N, True, SLIDING, PREC)
     else:
         acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos, lo, hi, n_k,
-                                             k_start, window, qk_scale, BLOCK_N, True, SLIDING, PREC,
-                                             K_DESC, V_DESC, b, kvh, D, TMA, WS)
+                                             k_start, window, qk_scale, BLOCK_N, True, SLIDING, PREC)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past the end with a −inf sink: nothing to divide
     out = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -138,7 +120,7 @@ def _attn_decode(Q, K, V, S, O, L, PO, PM, PL,
     hi = tl.minimum(lo + chunk, keys_hi)
     acc, l_i, m_i = _online_softmax_keys(acc, l_i, m_i, q, K + b * skb + kvh * skh, V + b * svb + kvh * svh, sks, svs,
                                          offs_d, q_pos, lo, hi, n_k, k_start, window, qk_scale, BLOCK_N, True,
-                                         SLIDING, PREC, None, None, b, kvh, D, False, False)
+                                         SLIDING, PREC)
     if SINGLE:
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(O + b * sob + h[:, None] * soh + i[:, None] * sos + offs_d[None, :],

@@ -124,30 +124,13 @@ def test_windowed_prefill_either_loop_shape(shape, split_mask):
     torch.testing.assert_close(lse.double(), truth_lse, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", SMALL)
-@pytest.mark.parametrize("split_mask", [False, True])
-@pytest.mark.parametrize("ws", [False, True])
-def test_prefill_through_tma_descriptors(shape, split_mask, ws):
-    """K/V tiles read through TMA descriptors (rows past the end zero-filled by the descriptor, not
-    masked by the load), with and without the warp-specialised loop: the same output and lse."""
-    tensors, _ = _inputs(shape, torch.float32, 10.0)
-    *_, window, q_start, k_start = shape
-    truth_out, truth_lse = _truth_out_lse(tensors, shape)
-    tile = dict(BLOCK_M=32, BLOCK_N=32, SPLIT_MASK=split_mask, TMA=True, WS=ws)
-    kind = "prefill_window" if window else "prefill"
-    out, lse = attention_forward(*tensors, window=window, q_start=q_start, k_start=k_start, path="prefill",
-                                 overrides={kind: tile, "prefill_long": tile})
-    torch.testing.assert_close(out.double(), truth_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), truth_lse, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("keys", [0, 1, 63, 64, 65, 1000, 131072])
 @pytest.mark.parametrize("batch_kv", [1, 8, 512])
 def test_decode_splits_cover_the_keys_once(keys, batch_kv):
     splits, chunk = decode_splits(batch_kv, keys, 64, 264)
     assert chunk % 64 == 0 and splits >= 1
     assert (splits - 1) * chunk < max(keys, 1) <= splits * chunk
-    assert splits <= max(1, -(-264 // batch_kv))  # no more programs than asked for
+    assert batch_kv * splits <= 264 or splits == 1  # one wave: no more programs than asked for
     assert splits == 1 or chunk >= 4 * 64  # a split reads at least four key blocks
 
 

@@ -240,19 +240,12 @@ def test_inputs_untouched_and_deterministic():
     assert torch.isfinite(a[0]).all()
 
 
-def test_backward_runs_through_the_reference():
-    """Gradients equal those of the reference moe (the documented backward)."""
-    layer = make_layer(6, 64, 96, 8, seed=8)
-    leaves_f = [x.clone().requires_grad_() for x in layer]
-    leaves_r = [x.clone().requires_grad_() for x in layer]
-    out_f, _, _, w_f = fused_moe(*leaves_f, k=4, alpha=ALPHA, limit=LIMIT)
-    out_r, _, _, w_r = moe(*leaves_r, k=4, alpha=ALPHA, limit=LIMIT)
-    g = torch.randn_like(out_f)
-    ((out_f * g).sum() + w_f.sum()).backward()
-    ((out_r * g).sum() + w_r.sum()).backward()
-    for name, a, b in zip(("h", "router_weight", "router_bias", "gate_up", "gate_up_bias", "down", "down_bias"),
-                          leaves_f, leaves_r):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+def test_backward_with_fewer_tokens_than_experts():
+    """Six tokens over eight experts (some experts get no rows): every input's gradient passes the 2x
+    rule against the float64 truth, judged by the one judge (this test once compared the fused and
+    reference float32 gradients with its own tolerance and an unseeded upstream gradient, which
+    float32 reordering on gradients of size ~50 failed at random)."""
+    check_gradient_truth_rule(make_layer(6, 64, 96, 8, seed=8), torch.float32, None, "T=6 < E=8", seed=8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -22,7 +22,7 @@ def _online_softmax_keys(acc, l_i, m_i, q, k_ptr, v_ptr, sks, svs, offs_d, q_pos
     """Accumulate keys [lo, hi) into (acc, l, m); MASKED=False only for whole visible blocks.
     m is kept in scaled (base-2) units while the scores stay unscaled, so the scale and the max
     subtraction are one fused multiply-add per score (the loop is bound by per-score instructions
-    at head_dim 64: 3-8 % faster prefill on the H200, reports/gpu-2026-12-04-h200/README.md)."""
+    at head_dim 64: 3-10 % faster prefill on the H200, reports/gpu-2026-12-04-h200/ab-attention.md)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:

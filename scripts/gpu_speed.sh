@@ -17,6 +17,8 @@
 #   matrixmc   the matrix with the feature probes and the Megatron-Core subject (megatron and gpt_oss carried as
 #              source on PYTHONPATH): ours, transformers eager, openai-torch, megatron-core on one GPU
 #   attntests  tests/kernels/test_attention.py on the GPU (every shape of the interpreter grid, bf16 too)
+#   partests   the GPU tests, tests/kernels/test_moe.py and tests/kernels/test_attention.py as five pytest
+#              processes at once (the device has no pytest-xdist; Triton compiling on the CPU dominates)
 #   tunedecode scripts/tune_attention.py --decode: decode tiles x key splits replayed as CUDA graphs
 #   moebwdsweep    scripts/bench_moe.py --backward-sweep: fwd + bwd per backward tile shape (BWD_SWEEP),
 #              E = 32, T = 4096, with the sm_90 compile stats of the default (compile_moe_backward.py)
@@ -64,6 +66,18 @@ for s in "$@"; do
     attntests)
       step gpu-tests-attention ${ATTNTESTS_S:-150} python3 -m pytest tests/kernels/test_attention.py -q -rfE \
         -p no:cacheprovider --timeout 100 ;;
+    partests)
+      t0=$(date +%s); pids=()
+      run_part() { timeout "${PARTESTS_S:-240}" python3 -m pytest "$@" -q -rfE -p no:cacheprovider --timeout 200; }
+      run_part -m gpu tests > "$RES/gpu-tests.log" 2>&1 & pids+=($!)
+      run_part tests/kernels/test_moe.py > "$RES/gpu-tests-moe.log" 2>&1 & pids+=($!)
+      for sel in small decode realistic "not small and not decode and not realistic"; do
+        run_part tests/kernels/test_attention.py -k "$sel" > "$RES/gpu-tests-attention-${sel// /-}.log" 2>&1 &
+        pids+=($!)
+      done
+      rcs=""; for p in "${pids[@]}"; do wait "$p"; rcs="$rcs $?"; done
+      note "$(date -u +%H:%M:%S) partests rc=[$rcs ] wall=$(( $(date +%s) - t0 ))s"
+      tail -n 2 "$RES"/gpu-tests*.log; pack ;;
     tunedecode)
       TAIL=40 step tune-decode ${TUNEDECODE_S:-240} python3 scripts/tune_attention.py --decode \
         --out "$RES/decode-tune.md" ;;

@@ -103,8 +103,8 @@ for s in "$@"; do
         --experts 32 --tokens 4096 --out "$RES/moe-backward-profile.md" ;;
     moebwdsweep)
       TAIL=12 step moe-backward-compile 120 python3 scripts/compile_moe_backward.py
-      TAIL=18 step moe-backward-sweep ${MOEBWDSWEEP_S:-360} python3 scripts/bench_moe.py --backward-sweep \
-        --experts 32 --tokens 4096 --sweep-budget $(( ${MOEBWDSWEEP_S:-360} - 30 )) \
+      TAIL=14 step moe-backward-sweep ${MOEBWDSWEEP_S:-240} python3 scripts/bench_moe.py --backward-sweep \
+        --experts 32 --tokens 4096 --sweep-budget $(( ${MOEBWDSWEEP_S:-240} - 30 )) \
         --out "$RES/moe-backward-sweep.md" ;;
     attention)
       TAIL=60 step attention-bench ${ATTN_S:-360} python3 scripts/bench_attention.py --skip flex \

@@ -420,17 +420,8 @@ def backward(args, flush, bandwidth):
 
 B = kmoe.BackwardConfig
 # candidate backward tile shapes (bf16 experts, every input trainable); the first is choose_backward_config's
-# (sm_90 compile stats of expert_grad with its bias tiles from scripts/compile_moe_backward.py, Triton 3.9)
-BWD_SWEEP = [B(),                                         # 113 registers (capped), 96 KiB: 2 programs per SM
-             B(fold_bias=False),                          # bias gradients by block_sums + expert_sums (round 1)
-             B(grad_regs=0),                              # uncapped: 142 registers, 1 program per SM
-             B(bias_rows=32),
-             B(grad_programs=1), B(grad_programs=2),      # persistent grids: 1 or 2 programs per SM
-             B(combine_n=64), B(combine_t=32),
-             B(grad_k=32, grad_stages=4),                 # 106 registers, 64 KiB
-             B(grad_k=128, grad_stages=2),                # 125 registers, 128 KiB: 1 program per SM
-             B(grad_n=64, grad_warps=4, grad_regs=0),     # 130 registers, 72 KiB: 3 programs per SM
-             B(grad_n=64, grad_warps=4, grad_regs=0, grad_programs=3)]
+BWD_SWEEP = [B(), B(grad_n=256), B(grad_warps=4), B(grad_warps=4, grad_stages=4), B(grad_k=32, grad_stages=4),
+             B(block_n=256), B(num_stages=4), B(swiglu_rows=32, swiglu_n=64), B(bias_n=128)]
 
 
 def backward_sweep(args, flush, bandwidth):

@@ -4,7 +4,6 @@ At the shapes of the prefill (bf16, 128-row blocks, `BackwardConfig()`), so a ch
 kernel spill or drop to one program per SM shows here, on any machine with the triton wheel.
 
     python scripts/compile_moe_backward.py   # the backward's kernels at BackwardConfig()
-    python scripts/compile_moe_backward.py grad_k=128 grad_stages=2   # at BackwardConfig(grad_k=128, ...)
 """
 from __future__ import annotations
 
@@ -82,11 +81,9 @@ def kernels(cfg: BackwardConfig):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="FIELD=INT", help="BackwardConfig fields to change")
-    args = p.parse_args(argv)
-    cfg = BackwardConfig(**{k: int(v) for k, v in (o.split("=", 1) for o in args.overrides)})
-    print(f"triton {triton.__version__}, sm_90, bf16, 128-row blocks, {cfg}")
-    for label, jit, pointers, consts, warps, stages, *cap in kernels(cfg):
+    p.parse_args(argv)
+    print(f"triton {triton.__version__}, sm_90, bf16, 128-row blocks, {BackwardConfig()}")
+    for label, jit, pointers, consts, warps, stages, *cap in kernels(BackwardConfig()):
         regs, stack, smem = compile_sm90(jit, pointers, consts, warps, stages, *cap)
         per_sm = min(SM_REGS // max(1, regs * 32 * warps), SM_SMEM // max(1, smem + 1024))
         print(f"{label:32s} warps {warps} stages {stages}: {regs:3d} registers, {stack:4d} B spill stack, "

@@ -12,11 +12,10 @@ routing weight w:
   d down[e]    = Σ_s act_s^T (w · dO_t)       (`expert_grad_kernel`, rows of e as K)
   d gate_up[e] = Σ_s h_t^T dpre_s             (same kernel; w·dO and h first gathered into sorted
                                                rows by `gather_rows_kernel`)
-  d biases     = Σ_s over each expert's rows  (bias tiles of `expert_grad_kernel`; for frozen weights
-                                               `block_sums_kernel` per row block, then
+  d biases     = Σ_s over each expert's rows  (`block_sums_kernel` per row block, then
                                                `expert_sums_kernel` over the expert's blocks)
   d logits     = softmax backward of dw over the chosen k, scattered (`router_grad_kernel`)
-  dh_t = dlogits_t @ router_weight + Σ_j dX_(t,j)  (`dx_combine_kernel`, fixed order)
+  dh_t = Σ_j dX_(t,j) + dlogits_t @ router_weight  (`dx_combine_kernel`, fixed order)
   d router_weight = dlogits^T @ h, d router_bias = Σ_t dlogits  (`router_wgrad_kernel` + reduce)
 
 No float atomics. The sums over an expert's rows (its weight and bias gradients) run in the rows'
@@ -268,7 +267,7 @@ def _grad_tile(x_ptr, y_ptr, out_ptr, e, pid_m, start, cnt, offs_n, n_ok, M, N, 
 def _bias_tile(y_ptr, out_ptr, start, cnt, offs_n, n_ok, stride_y, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[offs_n] = Σ of Y's rows start .. start + cnt − 1 (float32, in row order, cast once)."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for r0 in tl.range(0, cnt, BLOCK_R, num_stages=3):
+    for r0 in range(0, cnt, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         rows = (start + r).to(tl.int64)
         y = tl.load(y_ptr + rows[:, None] * stride_y + offs_n[None, :], mask=(r < cnt)[:, None] & n_ok[None, :],

@@ -237,12 +237,10 @@ class BackwardConfig:
     grad_warps: int = 8      # expert_grad_kernel
     grad_stages: int = 3
     grad_regs: int = 128     # expert_grad: register cap (maxnreg; 0 = none): its bias tiles' branch made
-                             # ptxas take ≈ 140 (one 8-warp program per SM); capped at 128: 113, no spill
-                             # (4-warp tiles of 128 x 128 need more: 0 there)
+                             # ptxas take 138 (one 8-warp program per SM); capped at 128: 112, no spill
     grad_programs: int = 0   # expert_grad: 0 = one program per output tile; n > 0 = a persistent grid of n
                              # programs per SM, each looping over tiles
-    bias_rows: int = 64      # expert_grad's bias tiles: rows summed per step (pipelined like the K loop)
-    fold_bias: bool = True   # False: bias gradients by block_sums + expert_sums even when the weights train
+    bias_rows: int = 16      # expert_grad's bias tiles: rows summed per step
     combine_t: int = 16      # dx_combine_kernel: [combine_t tokens, combine_n columns] per program
     combine_n: int = 128
     swiglu_rows: int = 16    # swiglu_bwd_kernel: rows per program (at most block_m), walking I
@@ -253,7 +251,7 @@ class BackwardConfig:
 def choose_backward_config() -> BackwardConfig:
     if _interpreting():  # small tiles: several K steps and column tiles even at the tests' shapes
         return BackwardConfig(block_n=64, block_k=32, grad_m=32, grad_n=64, grad_k=16, num_warps=4, num_stages=1,
-                              grad_warps=4, grad_stages=1, swiglu_rows=16, swiglu_n=64, bias_n=64, bias_rows=16)
+                              grad_warps=4, grad_stages=1, swiglu_rows=16, swiglu_n=64, bias_n=64)
     return BackwardConfig()
 
 
@@ -333,7 +331,7 @@ def _backward(sv, h, rw, gu_w, gu_s, dn_w, dn_s, dnb, idx, d_out, d_logits, d_we
                     h, w32, x, sorted_slot, sv["block_rows"], hid, h.stride(0), SCALED=False, TOPK=k, **gather)
             out = torch.empty(e, m, n, device=dev, dtype=dtype)
             bias = name + "_bias"
-            if need.get(bias) and cfg.fold_bias:  # summed by the weight gradient's kernel (its bias tiles)
+            if need.get(bias):  # summed from the same Y tiles by the weight gradient's kernel
                 grads[bias] = torch.empty(e, n, device=dev, dtype=dtype)
             tiles = e * (triton.cdiv(m, cfg.grad_m) + (bias in grads)) * triton.cdiv(n, cfg.grad_n)
             grid = tiles if cfg.grad_programs <= 0 else min(tiles, cfg.grad_programs * _sm_count(dev))

@@ -28,17 +28,16 @@ SM_REGS, SM_SMEM = 65536, 227 * 1024  # Hopper, per SM
 BF, F32, I32 = "*bf16", "*fp32", "*i32"
 
 
-def compile_sm90(jit, pointers, consts, num_warps, num_stages, maxnreg=0):
+def compile_sm90(jit, pointers, consts, num_warps, num_stages):
     """(registers, spill stack bytes, shared bytes) of `jit` compiled for sm_90; ints not named are i32
-    divisible by 16 (as strides and H, I are at the published shapes). maxnreg > 0: the register cap."""
+    divisible by 16 (as strides and H, I are at the published shapes)."""
     names = jit.arg_names
     sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n].startswith("*") or n.startswith("stride") or n in ("N", "K", "M")}
     src = ASTSource(fn=jit, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128),
-                            options={"num_warps": num_warps, "num_stages": num_stages,
-                                     **({"maxnreg": maxnreg} if maxnreg > 0 else {})})
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -49,7 +48,7 @@ def compile_sm90(jit, pointers, consts, num_warps, num_stages, maxnreg=0):
 
 
 def kernels(cfg: BackwardConfig):
-    """(label, kernel, pointer types, constexprs, warps, stages[, maxnreg]) at the prefill's bf16 shapes."""
+    """(label, kernel, pointer types, constexprs, warps, stages) at the prefill's bf16 shapes."""
     bm = 128
     gemm = dict(BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, IEEE=False, stride_wk=1)
     rows = dict(sorted_slot_ptr=I32, block_rows_ptr=I32)
@@ -62,18 +61,13 @@ def kernels(cfg: BackwardConfig):
               limit="fp32", **rows), dict(ROW_BLOCK=bm, BLOCK_R=cfg.swiglu_rows, BLOCK_N=cfg.swiglu_n), 4, 3),
         ("gather_rows_kernel (w·dO)", B.gather_rows_kernel, dict(y_ptr=BF, weights32_ptr=F32, out_ptr=BF, **rows),
          dict(SCALED=True, TOPK=4, ROW_BLOCK=bm, BLOCK_R=32, BLOCK_N=cfg.bias_n), 4, 3),
-        *[(f"expert_grad_kernel{label}", B.expert_grad_kernel,
-           dict(x_ptr=BF, y_ptr=BF, out_ptr=BF, bias_ptr=BF, counts_ptr=I32),
-           dict(ROW_BLOCK=bm, BLOCK_E=32, BLOCK_M=cfg.grad_m, BLOCK_N=cfg.grad_n, BLOCK_K=cfg.grad_k, BIAS=bias,
-                BIAS_R=cfg.bias_rows, IEEE=False), cfg.grad_warps, cfg.grad_stages, regs)
-          for label, bias, regs in (("", False, cfg.grad_regs), (" +bias", True, cfg.grad_regs),
-                                    (" +bias uncapped", True, 0))],
+        ("expert_grad_kernel", B.expert_grad_kernel, dict(x_ptr=BF, y_ptr=BF, out_ptr=BF, counts_ptr=I32),
+         dict(ROW_BLOCK=bm, BLOCK_E=32, BLOCK_M=cfg.grad_m, BLOCK_N=cfg.grad_n, BLOCK_K=cfg.grad_k, IEEE=False),
+         cfg.grad_warps, cfg.grad_stages),
         ("block_sums_kernel", B.block_sums_kernel, dict(y_ptr=BF, part_ptr=F32, block_rows_ptr=I32),
          dict(ROW_BLOCK=bm, BLOCK_R=32, BLOCK_N=cfg.bias_n), 4, 3),
         ("expert_sums_kernel", B.expert_sums_kernel, dict(part_ptr=F32, out_ptr=BF, counts_ptr=I32),
          dict(ROW_BLOCK=bm, BLOCK_E=32, BLOCK_N=cfg.bias_n), 4, 3),
-        ("dx_combine_kernel", B.dx_combine_kernel, dict(dxs_ptr=F32, dl_ptr=F32, rw_ptr=BF, dx_ptr=BF),
-         dict(HAS_EXPERT=True, TOPK=4, BLOCK_T=cfg.combine_t, BLOCK_N=cfg.combine_n), 4, 3),
         ("dx_slot_kernel", B.dx_slot_kernel, dict(dpre_ptr=BF, w_ptr=BF, s_ptr=BF, dxs_ptr=F32, block_expert_ptr=I32,
                                                   **rows), dict(MXFP4=False, **gemm), *launch),
     ]
@@ -83,10 +77,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90, bf16, 128-row blocks, {BackwardConfig()}")
-    for label, jit, pointers, consts, warps, stages, *cap in kernels(BackwardConfig()):
-        regs, stack, smem = compile_sm90(jit, pointers, consts, warps, stages, *cap)
+    for label, jit, pointers, consts, warps, stages in kernels(BackwardConfig()):
+        regs, stack, smem = compile_sm90(jit, pointers, consts, warps, stages)
         per_sm = min(SM_REGS // max(1, regs * 32 * warps), SM_SMEM // max(1, smem + 1024))
-        print(f"{label:32s} warps {warps} stages {stages}: {regs:3d} registers, {stack:4d} B spill stack, "
+        print(f"{label:28s} warps {warps} stages {stages}: {regs:3d} registers, {stack:4d} B spill stack, "
               f"{smem // 1024:3d} KiB shared, ≈ {per_sm} programs per SM", flush=True)
     return 0
 

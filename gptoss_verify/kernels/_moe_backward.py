@@ -210,47 +210,23 @@ def gather_rows_kernel(y_ptr, weights32_ptr, out_ptr, sorted_slot_ptr, block_row
         tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], y, mask=ok)
 
 
-@triton.jit(do_not_specialize=["num_tiles"])
-def expert_grad_kernel(x_ptr, y_ptr, out_ptr, bias_ptr, counts_ptr, M, N, E, num_tiles, stride_x, stride_y,
-                       ROW_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BIAS: tl.constexpr, BIAS_R: tl.constexpr, IEEE: tl.constexpr):
+@triton.jit
+def expert_grad_kernel(x_ptr, y_ptr, out_ptr, counts_ptr, M, N, E, stride_x, stride_y, ROW_BLOCK: tl.constexpr,
+                       BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       IEEE: tl.constexpr):
     """out[e] = X_e^T @ Y_e over expert e's rows (K = its row count; both in sorted rows): d down =
-    act^T (w·dO) and d gate_up = h^T dpre. An expert with no rows gets zeros.
-    BIAS: each expert's tiles start with one extra row of tiles that sum Y_e's columns instead
-    (bias[e] = Σ_rows Y_e, float32 in row order, cast once: the bias gradient), one program per
-    (expert, column tile), just before the GEMM tiles that read the same Y rows (L2). Summed inside
-    the GEMM's K loop the Y tile went through registers too: 160+ registers, one program per SM.
-    Tiles run e-major, then the row of output tiles, then the column; a program takes tiles pid,
-    pid + grid, ... (grid = one program per tile, or a persistent grid of a few per SM). Triton's
-    loop flattening (next tile's loads during this one's epilogue) does not apply: the K loop's trip
-    count varies by expert and the bias tiles branch."""
+    act^T (w·dO) and d gate_up = h^T dpre. An expert with no rows gets zeros."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    rows_e = tiles_m + 1 if BIAS else tiles_m  # rows of tiles per expert; with BIAS row 0 is the bias
-    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        e = tile // (rows_e * tiles_n)
-        pid_m = (tile % (rows_e * tiles_n)) // tiles_n - (1 if BIAS else 0)
-        pid_n = tile % tiles_n
-        start, cnt = _expert_rows(counts_ptr, e, E, ROW_BLOCK, BLOCK_E)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        if BIAS:
-            if pid_m < 0:
-                _bias_tile(y_ptr, bias_ptr + e.to(tl.int64) * N, start, cnt, offs_n, n_ok, stride_y, BIAS_R, BLOCK_N)
-            else:
-                _grad_tile(x_ptr, y_ptr, out_ptr, e, pid_m, start, cnt, offs_n, n_ok, M, N, stride_x, stride_y,
-                           BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-        else:
-            _grad_tile(x_ptr, y_ptr, out_ptr, e, pid_m, start, cnt, offs_n, n_ok, M, N, stride_x, stride_y, BLOCK_M,
-                       BLOCK_N, BLOCK_K, IEEE)
-
-
-@triton.jit
-def _grad_tile(x_ptr, y_ptr, out_ptr, e, pid_m, start, cnt, offs_n, n_ok, M, N, stride_x, stride_y,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """Output tile (pid_m, offs_n) of out[e] = X_e^T @ Y_e, K = the expert's cnt rows from `start`."""
+    pid = tl.program_id(0)
+    e = pid // (tiles_m * tiles_n)
+    pid_m = (pid % (tiles_m * tiles_n)) // tiles_n
+    pid_n = pid % tiles_n
+    start, cnt = _expert_rows(counts_ptr, e, E, ROW_BLOCK, BLOCK_E)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
+    n_ok = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(0, cnt, BLOCK_K):
         r = r0 + tl.arange(0, BLOCK_K)
@@ -261,19 +237,6 @@ def _grad_tile(x_ptr, y_ptr, out_ptr, e, pid_m, start, cnt, offs_n, n_ok, M, N, 
         acc = _dot(acc, tl.trans(x), y, IEEE)
     ptrs = out_ptr + e.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _bias_tile(y_ptr, out_ptr, start, cnt, offs_n, n_ok, stride_y, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[offs_n] = Σ of Y's rows start .. start + cnt − 1 (float32, in row order, cast once)."""
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, cnt, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        rows = (start + r).to(tl.int64)
-        y = tl.load(y_ptr + rows[:, None] * stride_y + offs_n[None, :], mask=(r < cnt)[:, None] & n_ok[None, :],
-                    other=0.0)
-        acc += tl.sum(y.to(tl.float32), axis=0)
-    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -364,20 +327,20 @@ def router_grad_kernel(dwa_ptr, dout_ptr, dnb_ptr, idx_ptr, weights32_ptr, dweig
 
 @triton.jit(do_not_specialize=["T"])
 def dx_combine_kernel(dxs_ptr, dl_ptr, rw_ptr, dx_ptr, T, E, H, stride_rw, stride_dx,
-                      HAS_EXPERT: tl.constexpr, TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dh[t] = dl[t] @ router_weight + Σ_j dX_slot[t·k + j] (j = 0..k−1), float32 in that order, cast
-    once. Memory-bound (k float32 slot rows per token): dl @ router_weight runs as E float32 FMAs per
-    element in a loop over the experts (≈ 60 registers, 8 programs per SM); as an IEEE tl.dot it took
-    227 registers, two 4-warp programs per SM: too few loads in flight to stream dX_slot."""
+                      HAS_EXPERT: tl.constexpr, TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """dh[t] = Σ_j dX_slot[t·k + j] (j = 0..k−1) + dl[t] @ router_weight, float32 (IEEE), cast once."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < T
     n_ok = offs_n < H
-    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    for j in range(0, E):  # in order j = 0..E-1; a runtime loop: unrolled, its loads took 255 registers
-        dl = tl.load(dl_ptr + rows.to(tl.int64) * E + j, mask=row_ok, other=0.0)
-        rw = tl.load(rw_ptr + j * stride_rw + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc += dl[:, None] * rw[None, :]
+    cols = tl.arange(0, BLOCK_E)
+    e_ok = cols < E
+    dl = tl.load(dl_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], mask=row_ok[:, None] & e_ok[None, :],
+                 other=0.0)
+    rw = tl.load(rw_ptr + cols[:, None] * stride_rw + offs_n[None, :], mask=e_ok[:, None] & n_ok[None, :],
+                 other=0.0).to(tl.float32)
+    acc = tl.dot(dl, rw, input_precision="ieee")
     ok = row_ok[:, None] & n_ok[None, :]
     if HAS_EXPERT:
         for j in tl.static_range(TOPK):

@@ -236,13 +236,6 @@ class BackwardConfig:
     num_stages: int = 3
     grad_warps: int = 8      # expert_grad_kernel
     grad_stages: int = 3
-    grad_regs: int = 128     # expert_grad: register cap (maxnreg; 0 = none): its bias tiles' branch made
-                             # ptxas take 138 (one 8-warp program per SM); capped at 128: 112, no spill
-    grad_programs: int = 0   # expert_grad: 0 = one program per output tile; n > 0 = a persistent grid of n
-                             # programs per SM, each looping over tiles
-    bias_rows: int = 16      # expert_grad's bias tiles: rows summed per step
-    combine_t: int = 16      # dx_combine_kernel: [combine_t tokens, combine_n columns] per program
-    combine_n: int = 128
     swiglu_rows: int = 16    # swiglu_bwd_kernel: rows per program (at most block_m), walking I
     swiglu_n: int = 128      # in chunks of this many activation columns (2x as many pre-activation ones)
     bias_n: int = 256        # gather_rows / block_sums / expert_sums: columns per program
@@ -253,14 +246,6 @@ def choose_backward_config() -> BackwardConfig:
         return BackwardConfig(block_n=64, block_k=32, grad_m=32, grad_n=64, grad_k=16, num_warps=4, num_stages=1,
                               grad_warps=4, grad_stages=1, swiglu_rows=16, swiglu_n=64, bias_n=64)
     return BackwardConfig()
-
-
-def _sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device; 3 under the interpreter (a persistent grid smaller than the
-    tests' tile counts, not dividing them)."""
-    if device.type != "cuda":
-        return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _DENSE_ARGS = ("h", "router_weight", "router_bias", "gate_up", "gate_up_bias", "down", "down_bias")
@@ -330,21 +315,16 @@ def _backward(sv, h, rw, gu_w, gu_s, dn_w, dn_s, dnb, idx, d_out, d_logits, d_we
                 _moe_backward.gather_rows_kernel[(num_m, triton.cdiv(hid, cfg.bias_n))](
                     h, w32, x, sorted_slot, sv["block_rows"], hid, h.stride(0), SCALED=False, TOPK=k, **gather)
             out = torch.empty(e, m, n, device=dev, dtype=dtype)
-            bias = name + "_bias"
-            if need.get(bias):  # summed from the same Y tiles by the weight gradient's kernel
-                grads[bias] = torch.empty(e, n, device=dev, dtype=dtype)
-            tiles = e * (triton.cdiv(m, cfg.grad_m) + (bias in grads)) * triton.cdiv(n, cfg.grad_n)
-            grid = tiles if cfg.grad_programs <= 0 else min(tiles, cfg.grad_programs * _sm_count(dev))
-            _moe_backward.expert_grad_kernel[(grid,)](
-                x, y, out, grads.get(bias, out), counts, m, n, e, tiles, x.stride(0), y.stride(0), ROW_BLOCK=bm,
-                BLOCK_E=block_e, BLOCK_M=cfg.grad_m, BLOCK_N=cfg.grad_n, BLOCK_K=cfg.grad_k, BIAS=bias in grads,
-                BIAS_R=cfg.bias_rows, IEEE=ieee, num_warps=cfg.grad_warps, num_stages=cfg.grad_stages,
-                **({"maxnreg": cfg.grad_regs} if cfg.grad_regs > 0 else {}))
+            tiles = triton.cdiv(m, cfg.grad_m) * triton.cdiv(n, cfg.grad_n)
+            _moe_backward.expert_grad_kernel[(e * tiles,)](
+                x, y, out, counts, m, n, e, x.stride(0), y.stride(0), ROW_BLOCK=bm, BLOCK_E=block_e,
+                BLOCK_M=cfg.grad_m, BLOCK_N=cfg.grad_n, BLOCK_K=cfg.grad_k, IEEE=ieee, num_warps=cfg.grad_warps,
+                num_stages=cfg.grad_stages)
             grads[name] = out
             del x
         for name, y, n in (("down_bias", ys, hid), ("gate_up_bias", dpre, 2 * inter)):
-            if need.get(name) and name not in grads:  # frozen weights (MXFP4): two passes, per row block,
-                part = torch.empty(num_m, n, device=dev, dtype=torch.float32)  # then per expert in block order
+            if need.get(name):  # two passes: per row block, then per expert over its blocks in order
+                part = torch.empty(num_m, n, device=dev, dtype=torch.float32)
                 bn = cfg.bias_n
                 _moe_backward.block_sums_kernel[(num_m, triton.cdiv(n, bn))](
                     y, part, sv["block_rows"], n, y.stride(0), ROW_BLOCK=bm, BLOCK_R=min(32, bm), BLOCK_N=bn,
@@ -373,9 +353,9 @@ def _backward(sv, h, rw, gu_w, gu_s, dn_w, dn_s, dnb, idx, d_out, d_logits, d_we
                 dpre, gu_w, sg, dxs, *blocks, hid, 2 * inter, num_m, *wg, MXFP4=mxfp4, BLOCK_M=bm,
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, IEEE=ieee, **launch)
         dx = torch.empty(t, hid, device=dev, dtype=dtype)
-        _moe_backward.dx_combine_kernel[(triton.cdiv(t, cfg.combine_t), triton.cdiv(hid, cfg.combine_n))](
+        _moe_backward.dx_combine_kernel[(triton.cdiv(t, 16), triton.cdiv(hid, 64))](
             dxs, dl, rw, dx, t, e, hid, rw.stride(0), dx.stride(0), HAS_EXPERT=dpre is not None, TOPK=k,
-            BLOCK_T=cfg.combine_t, BLOCK_N=cfg.combine_n, num_warps=4)
+            BLOCK_T=16, BLOCK_E=block_e, BLOCK_N=64, num_warps=4)
         grads["h"] = dx
     if need.get("router_weight") or need.get("router_bias"):
         tiles = triton.cdiv(hid, 64)

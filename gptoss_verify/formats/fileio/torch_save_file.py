@@ -247,11 +247,21 @@ def index(path: str | Path) -> object:
     except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, EOFError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise CheckpointError(f"{path}: holds objects that weights_only loading refuses ({first})") from None
+    except Exception as err:  # noqa: BLE001 - corrupt opcodes raise more (IndexError of an empty stack, KeyError of a memo)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{path}: data.pkl does not unpickle ({type(err).__name__}: {first})") from None
     size = path.stat().st_size
     crcs = _record_crcs(path)
 
     def locate(t: torch.Tensor) -> StoredTensor:
-        key, dtype, nbytes = keys[t.untyped_storage()._cdata]
+        try:  # a tensor the pickle built itself (on the meta device, sparse, nested) has no record
+            found = keys.get(t.untyped_storage()._cdata) if t.layout == torch.strided and not t.is_quantized else None
+        except (RuntimeError, NotImplementedError):
+            found = None
+        if found is None:
+            raise CheckpointError(f"{path}: a tensor not stored in a record of the file ({t.layout}, {t.device} "
+                                  f"{dtype_name(t.dtype)} {list(t.shape)}), expected tensors of data/ records")
+        key, dtype, nbytes = found
         try:
             base = reader.get_record_offset(f"data/{key}")
         except RuntimeError:

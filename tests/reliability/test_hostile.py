@@ -257,3 +257,63 @@ def test_a_field_name_with_a_newline_stays_one_error_line(hf, tmp_path, capsys):
     sidecar.write_text(json.dumps(data))
     err = _refused(capsys, "convert", meg, tmp_path / "out", "--to", "hf")
     assert "'x\\ny': unknown ModelSpec field" in err
+
+
+def _rank_with_pickle(meg: Path, edit) -> Path:
+    """Rewrite the first rank file's data.pkl as `edit(pkl)` (the zip rebuilt around it)."""
+    import io
+    import zipfile
+    rank = next(meg.glob("iter_*/mp_rank_*/model_optim_rng.pt"))
+    zf = zipfile.ZipFile(io.BytesIO(rank.read_bytes()))
+    pkl_info = next(i for i in zf.infolist() if i.filename.endswith("/data.pkl"))
+    pkl = edit(zf.read(pkl_info))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as w:
+        for info in zf.infolist():
+            w.writestr(info, pkl if info is pkl_info else zf.read(info))
+    rank.write_bytes(out.getvalue())
+    return rank
+
+
+@pytest.mark.parametrize("change", ["stride", "storage offset"])
+def test_a_rank_file_tensor_reaching_past_its_record_is_refused_by_record(change, hf, tmp_path, capsys):
+    """A 2-D tensor's stride (64, 1) pickled as (65, 1), or its storage offset 0 as 16: the view
+    reaches past its record's bytes. One error naming the rank file and the record, not a
+    RuntimeError traceback from `as_strided` (found by the thorough battery)."""
+    import re
+    meg = tmp_path / "meg"
+    assert cli("convert", hf, meg, "--to", "megatron") == 0
+
+    def edit(pkl):
+        # _rebuild_tensor_v2(storage, offset, shape, stride, ...) of a [rows, 64] tensor: BINPERSID,
+        # offset 0 (K\x00), shape (rows, 64) (M.. or K.., K@, TUPLE2, BINPUT), stride (64, 1) (K@ K\x01 TUPLE2)
+        m = re.search(rb"Q(K\x00)(?:M..|K.)K@\x86q.(K@)K\x01\x86", pkl, re.DOTALL)
+        assert m is not None, "no 2-D tensor with 64 columns in data.pkl"
+        at, new = (m.start(2), b"KA") if change == "stride" else (m.start(1), b"K\x10")
+        return pkl[:at] + new + pkl[at + 2:]
+    rank = _rank_with_pickle(meg, edit)
+    before = tree_hashes(meg)
+    err = _refused(capsys, "convert", meg, tmp_path / "out", "--to", "hf")
+    assert f"{rank}: record data/" in err and "past the record's" in err, err
+    assert tree_hashes(meg) == before and not (tmp_path / "out").exists()
+
+
+#: data.pkl replaced by: a memo store with nothing on the stack (the weights_only unpickler raises
+#: IndexError), and a tensor the pickle builds itself on the meta device (no record behind it)
+_BAD_PICKLES = {"memo of an empty stack": (b"\x80\x02q\x00.", "data.pkl does not unpickle (IndexError"),
+                "a tensor without a record": (b"\x80\x02ctorch._utils\n_rebuild_meta_tensor_no_storage\n(ctorch\n"
+                                              b"bfloat16\nK\x04\x85K\x01\x85\x89tR.",
+                                              "a tensor not stored in a record of the file")}
+
+
+@pytest.mark.parametrize("what", sorted(_BAD_PICKLES))
+def test_a_rank_files_broken_pickle_is_refused_by_file(what, hf, tmp_path, capsys):
+    """A data.pkl the unpickler fails on in a way other than a refused global, or one building a
+    tensor of its own: one error naming the rank file, not an IndexError traceback or a bare
+    KeyError line without the file (the first found by the thorough battery, seed 4)."""
+    meg = tmp_path / "meg"
+    assert cli("convert", hf, meg, "--to", "megatron") == 0
+    pkl, said = _BAD_PICKLES[what]
+    rank = _rank_with_pickle(meg, lambda _: pkl)
+    err = _refused(capsys, "convert", meg, tmp_path / "out", "--to", "hf")
+    assert f"{rank}: " in err and said in err, err

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ...dtypes import dtype_name
 from ..errors import CheckpointError
 from .torch_zip import TorchZipWriter, tensor_bytes
 
@@ -246,26 +247,52 @@ def index(path: str | Path) -> object:
     except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, EOFError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise CheckpointError(f"{path}: holds objects that weights_only loading refuses ({first})") from None
+    except Exception as err:  # noqa: BLE001 - corrupt opcodes raise more (IndexError of an empty stack, KeyError of a memo)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{path}: data.pkl does not unpickle ({type(err).__name__}: {first})") from None
     size = path.stat().st_size
     crcs = _record_crcs(path)
 
     def locate(t: torch.Tensor) -> StoredTensor:
-        key, dtype, nbytes = keys[t.untyped_storage()._cdata]
+        try:  # a tensor the pickle built itself (on the meta device, sparse, nested) has no record
+            found = keys.get(t.untyped_storage()._cdata) if t.layout == torch.strided and not t.is_quantized else None
+        except (RuntimeError, NotImplementedError):
+            found = None
+        if found is None:
+            raise CheckpointError(f"{path}: a tensor not stored in a record of the file ({t.layout}, {t.device} "
+                                  f"{dtype_name(t.dtype)} {list(t.shape)}), expected tensors of data/ records")
+        key, dtype, nbytes = found
         try:
             base = reader.get_record_offset(f"data/{key}")
         except RuntimeError:
             raise CheckpointError(f"{path}: record data/{key} is missing") from None
+        record = f"data/{key}"
+        _check_extent(path, record, t, nbytes)
         start = base + t.storage_offset() * t.element_size()
         span = nbytes - t.storage_offset() * t.element_size()
         if base + nbytes > size:
-            raise CheckpointError(f"{path}: truncated (record data/{key} ends past the end of the file)")
-        record = f"data/{key}"
+            raise CheckpointError(f"{path}: truncated (record {record} ends past the end of the file)")
         if record not in crcs:
             raise CheckpointError(f"{path}: record {record} is not in the zip directory")
         return StoredTensor(path, start, tuple(t.shape), tuple(t.stride()), t.dtype, span,
                             (record, base, nbytes, crcs[record]))
 
     return _replace(obj, locate)
+
+
+def _check_extent(path: Path, record: str, t: torch.Tensor, nbytes: int) -> None:
+    """The view a pickle builds (storage offset, shape, stride) lies inside its record's bytes.
+    Unpickled on the meta device nothing checks it, and `as_strided` on the bytes read would fail
+    with a RuntimeError (a stride of 65 for 64 columns, an offset past the record's end)."""
+    shape, stride, offset = tuple(t.shape), tuple(t.stride()), t.storage_offset()
+    if offset < 0 or any(s < 0 for s in stride):
+        raise CheckpointError(f"{path}: record {record}: a tensor with storage offset {offset} and stride "
+                              f"{list(stride)}, expected no negative ones")
+    end = offset if 0 in shape else offset + 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+    if end * t.element_size() > nbytes:
+        raise CheckpointError(f"{path}: record {record}: a {dtype_name(t.dtype)} tensor {list(shape)} with stride "
+                              f"{list(stride)} at storage offset {offset} reaches byte {end * t.element_size()}, "
+                              f"past the record's {nbytes} bytes")
 
 
 def _record_crcs(path: Path) -> dict[str, int]:

@@ -154,9 +154,8 @@ def run_grids(grids: list[tuple[int, int, list[Job]]], ids: torch.Tensor, deadli
     world = max(tp * ep for tp, ep, _ in grids)
     if any(world % (tp * ep) for tp, ep, _ in grids):
         raise ValueError(f"megatron-core: every grid must divide the largest ({world} ranks)")
-    for tp, ep, jobs in grids:
-        for job in jobs:
-            check_grid(job.checkpoint, tp, ep)
+    for checkpoint, tp, ep in dict.fromkeys((job.checkpoint, tp, ep) for tp, ep, jobs in grids for job in jobs):
+        check_grid(checkpoint, tp, ep)  # before any rank starts: one error naming the checkpoint
     with tempfile.TemporaryDirectory(prefix="gptoss-mcore-") as tmp:
         out = str(Path(tmp) / "result.pt")
         try:

@@ -245,11 +245,10 @@ def index(path: str | Path) -> object:
             up.persistent_load = persistent_load
             obj = up.load()
     except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-        raise CheckpointError(f"{path}: holds objects that weights_only loading refuses ({first})") from None
+        raise CheckpointError(f"{path}: holds objects that weights_only loading refuses "
+                              f"({_first_line(err) or repr(err)})") from None
     except Exception as err:  # noqa: BLE001 - corrupt opcodes raise more (IndexError of an empty stack, KeyError of a memo)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(f"{path}: data.pkl does not unpickle ({type(err).__name__}: {first})") from None
+        raise CheckpointError(f"{path}: data.pkl does not unpickle ({type(err).__name__}: {_first_line(err)})") from None
     size = path.stat().st_size
     crcs = _record_crcs(path)
 
@@ -278,6 +277,12 @@ def index(path: str | Path) -> object:
                             (record, base, nbytes, crcs[record]))
 
     return _replace(obj, locate)
+
+
+def _first_line(err: Exception) -> str:
+    """An exception's message as one line (an error names one thing on one line)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _check_extent(path: Path, record: str, t: torch.Tensor, nbytes: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_masks import _group_rows, _query_block, _split_key_range, _visible
+from ._attention_masks import _group_rows, _packed_query, _query_block, _split_key_range, _visible
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def _attn_decode(Q, K, V, S, O, L, PO, PM, PL,
     SINGLE (one split): normalise with the sink and store the output. Otherwise store the split's
     unnormalised accumulator, running max (base 2) and denominator for `_attn_decode_merge`."""
     split = tl.program_id(0)
-    bkv, b, rows, row_ok, i, h = _group_rows(n_q, HKV, GROUP, BLOCK_M, 1)
+    bkv, b, rows, row_ok, i, h = _group_rows(n_q, HKV, GROUP, BLOCK_M)
     kvh = bkv % HKV
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -144,9 +144,7 @@ def _attn_decode_merge(S, O, L, PO, PM, PL, sob, sos, soh, n_q, n_splits,
     tile, so a long cache's many splits cost a few wide loads, not a serial walk per split."""
     bkv = tl.program_id(0)
     row = tl.program_id(1)
-    b = bkv // HKV
-    i = row % n_q
-    h = (bkv % HKV) * GROUP + row // n_q
+    b, i, h = _packed_query(bkv, row, n_q, HKV, GROUP)
     offs_d = tl.arange(0, D)
     offs_s = tl.arange(0, BLOCK_S)
     base = bkv * n_splits * BLOCK_M + row  # split s of this row: base + s·BLOCK_M

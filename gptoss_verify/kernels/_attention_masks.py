@@ -18,12 +18,20 @@ def _query_block(HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _group_rows(n_q, HKV: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, AXIS: tl.constexpr):
-    """A kv head's query group packed in one tile (decode): program_id(AXIS) is b·Hkv + kv head;
-    row r is query r % n_q of head kvh·GROUP + r // n_q. Returns (bkv, b, rows, row_ok, i, h)."""
-    bkv = tl.program_id(AXIS)
+def _packed_query(bkv, rows, n_q, HKV: tl.constexpr, GROUP: tl.constexpr):
+    """A kv head's query group packed in one tile (decode): bkv is b·Hkv + kv head, and tile row r
+    (a scalar or a vector of rows) is query r % n_q of head kvh·GROUP + r // n_q. Returns (b, i, h)."""
+    return bkv // HKV, rows % n_q, (bkv % HKV) * GROUP + rows // n_q
+
+
+@triton.jit
+def _group_rows(n_q, HKV: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The whole packed tile of the decode program on grid (splits, B·Hkv): program_id(1) is
+    b·Hkv + kv head (`_packed_query`). Returns (bkv, b, rows, row_ok, i, h)."""
+    bkv = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
-    return bkv, bkv // HKV, rows, rows < GROUP * n_q, rows % n_q, (bkv % HKV) * GROUP + rows // n_q
+    b, i, h = _packed_query(bkv, rows, n_q, HKV, GROUP)
+    return bkv, b, rows, rows < GROUP * n_q, i, h
 
 
 @triton.jit

@@ -276,7 +276,7 @@ def profile(args):
                     for _ in range(3):
                         ours(w, h, fmt)
                     sync()
-                    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    with torch_profile(activities=[ProfilerActivity.CPU if DRY else ProfilerActivity.CUDA]) as prof:
                         for _ in range(20):
                             ours(w, h, fmt)
                         sync()
@@ -311,7 +311,7 @@ def profile_backward(args, activity, torch_profile):
             for _ in range(3):
                 step()
             sync()
-            with torch_profile(activities=[activity.CUDA]) as prof:
+            with torch_profile(activities=[activity.CPU if DRY else activity.CUDA]) as prof:
                 for _ in range(10):
                     step()
                 sync()
@@ -331,15 +331,29 @@ def profile_backward(args, activity, torch_profile):
 
 C = kmoe.MoEConfig
 # (experts format, E, T) -> candidate tile shapes; the first of each list is choose_config's pick
+G = dict(gemv=True)  # the slot GEMVs (T·k <= 16); gemv_n x gemv_k weight tiles
 SWEEP = {
-    ("mxfp4", 32, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4), C(16, 32, 32, 256, 8, 4, 3),
-                       C(16, 64, 64, 128, 8, 4, 4, split_k=2), C(16, 64, 64, 128, 8, 4, 4, split_k=8),
-                       C(16, 64, 64, 256, 8, 4, 3, split_k=4), C(16, 128, 128, 128, 8, 4, 4, split_k=4)],
+    ("mxfp4", 32, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True, gemv_n=32, gemv_k=512),
+                       C(16, 64, 64, 128, 8, 4, 4, split_k=4),  # the row-block GEMMs, split over K
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=16, gemv_k=512),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=64, gemv_k=512),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=256),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=16, gemv_k=256),
+                       C(16, 64, 64, 128, 8, 8, 4, **G, gemv_n=64, gemv_k=512),
+                       C(16, 64, 64, 128, 8, 8, 4, **G, gemv_n=32, gemv_k=1024),
+                       C(16, 64, 64, 128, 8, 2, 4, **G, gemv_n=16, gemv_k=512),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=512, router_splits=16),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=512, router_splits=8),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=512, router_splits=4)],
+    ("mxfp4", 32, 4): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True, gemv_n=32, gemv_k=512),
+                       C(16, 64, 64, 128, 8, 4, 4, split_k=4),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=64, gemv_k=512)],
+    ("mxfp4", 128, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True, gemv_n=32, gemv_k=512),
+                        C(16, 64, 64, 128, 8, 4, 4, split_k=4)],
     ("bf16", 32, 1): [C(16, 128, 128, 128, 8, 4, 4), C(16, 128, 128, 128, 8, 4, 4, split_k=2),
                       C(16, 64, 64, 128, 8, 4, 4, split_k=4)],
     ("mxfp4", 32, 16): [C(16, 64, 64, 128, 8, 4, 4), C(16, 64, 64, 128, 8, 4, 4, split_k=2),
                         C(16, 128, 128, 128, 8, 4, 4), C(16, 64, 64, 128, 8, 4, 5)],
-    ("mxfp4", 128, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4), C(16, 64, 64, 128, 8, 4, 4)],
     ("mxfp4", 32, 4096): [C(256, 128, 128, 64, 8, 8, 3), C(128, 128, 128, 64, 8, 8, 3)],
 }
 
@@ -349,6 +363,8 @@ def sweep(args, flush, bandwidth):
     deadline = time.time() + args.sweep_budget
     layers = {}
     for (fmt, e, t), configs in SWEEP.items():
+        if not DRY and (e not in args.experts or t not in args.tokens):
+            continue
         if e not in layers:
             layers.clear()
             empty_cache()

@@ -11,6 +11,7 @@
 #              attention and grouped_mm experts, openai-torch (where gpt_oss is on PYTHONPATH)
 #   parity120b gpt-oss-120b, all 36 layers at full width, seq 4096, bf16, --stream-layers, typical weights
 #   moe        scripts/bench_moe.py: E = 32, 128 x T = 1, 16 (CUDA graph), 4096, with the peers
+#   moesweep   scripts/bench_moe.py --sweep at T = 1 and 4 (the slot GEMVs' tiles against the row-block GEMMs)
 #   moebwd     scripts/bench_moe.py --backward: forward against forward + backward, E = 32, T = 4096
 #   moeprofile scripts/bench_moe.py --profile: device time per kernel of ours, E = 32, 128 x T = 1, 16, 4096
 #   moebwdprofile  the same for forward + backward (bf16 experts), E = 32, T = 4096
@@ -92,6 +93,9 @@ for s in "$@"; do
     moe)
       TAIL=30 step moe-bench ${MOE_S:-240} python3 scripts/bench_moe.py --experts 32 128 --tokens 1 16 4096 \
         --out "$RES/moe-bench.md" ;;
+    moesweep)
+      TAIL=20 step moe-sweep ${MOESWEEP_S:-180} python3 scripts/bench_moe.py --sweep --experts 32 128 --tokens 1 4 \
+        --sweep-budget $(( ${MOESWEEP_S:-180} - 20 )) --out "$RES/moe-sweep.md" ;;
     moebwd)
       TAIL=12 step moe-backward ${MOEBWD_S:-120} python3 scripts/bench_moe.py --backward --experts 32 --tokens 4096 \
         --out "$RES/moe-backward.md" ;;

@@ -1,7 +1,8 @@
 """The fused MoE: `fused_moe` (dense bf16/fp16/fp32 experts) and `fused_moe_mxfp4` (checkpoint MXFP4
 experts decoded in the GEMM inner loop), both with the reference `model.moe.moe` signature and return.
 
-Forward, six Triton launches (eight with split-K), no host synchronisation (CUDA-graph capturable):
+Forward, six Triton launches (eight with split-K; five with the slot GEMVs that serve at most 16 MXFP4
+decode slots: router, top-k, two `_moe_gemv` GEMVs, combine), no host synchronisation (CUDA-graph capturable):
 router GEMM (split over tokens, experts and H) -> top-k (bias, top-k, softmax over the k,
 per-expert counts) -> align (group slots by expert) -> GEMM 1 (gate_up + bias + clamped SwiGLU) -> GEMM 2 (down + bias, × routing weight) ->
 combine (deterministic sum of each token's k slots). Accumulation is float32 throughout; the
@@ -25,7 +26,7 @@ import warnings
 import torch
 import triton
 
-from . import _moe_backward, _moe_gemm, _moe_routing
+from . import _moe_backward, _moe_gemm, _moe_gemv, _moe_routing
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _SCALED_FAILED: list[str] = []  # set once tl.dot_scaled fails to compile here
@@ -43,18 +44,25 @@ class MoEConfig:
     num_stages: int = 3
     dot_scaled: bool = True  # MXFP4: Triton's tl.dot_scaled (True) or our decode_tile (False)
     split_k: int = 1  # >1: each GEMM tile's K is summed by this many programs (float32 partials, fixed order)
+    gemv: bool = False  # MXFP4 inference: one CUDA-core GEMV per (slot, column tile) instead (_moe_gemv)
+    gemv_n: int = 32  # weight rows per GEMV program
+    gemv_k: int = 256  # weight columns per GEMV step
+    router_splits: int = 256  # at most this many slices of H in the router GEMM
 
 
 def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoEConfig:
     """A tile shape from the mean rows per expert: skinny tiles for decode, wide ones for prefill.
-    MXFP4 decode takes narrower weight tiles (more programs stream the experts), split over K when
-    there are only a few slots (reports/gpu-2026-12-02-h200-moe/: the sweeps behind these)."""
+    MXFP4 decode takes narrower weight tiles (more programs stream the experts); with at most 16 slots
+    the slot GEMVs instead (split_k is then what an autograd forward, which keeps the row blocks,
+    uses). reports/gpu-2026-12-02-h200-moe/ and reports/gpu-2026-12-04b-h200/: the sweeps behind these."""
     if _interpreting():
-        return MoEConfig(block_m=16, block_n1=64, block_n2=64, block_k=64, group_m=4, num_warps=4, num_stages=1)
+        return MoEConfig(block_m=16, block_n1=64, block_n2=64, block_k=64, group_m=4, num_warps=4, num_stages=1,
+                         gemv=mxfp4 and tokens * k <= 16, gemv_n=16, gemv_k=64)
     rows = tokens * k / experts
     if rows <= 16:
         if mxfp4:
-            return MoEConfig(16, 64, 64, 128, 8, 4, 4, split_k=4 if tokens * k <= 16 else 1)
+            few = tokens * k <= 16
+            return MoEConfig(16, 64, 64, 128, 8, 4, 4, split_k=4 if few else 1, gemv=few, gemv_n=32, gemv_k=512)
         return MoEConfig(16, 128, 128, 128, 8, 4, 4)
     if rows <= 64:
         return MoEConfig(64, 128, 128, 64, 8, 4, 4)
@@ -126,12 +134,13 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     rank = torch.empty(tk, device=dev, dtype=torch.int32)
     block_e = max(16, triton.next_power_of_2(e))
     # router GEMM: tiles of tokens x experts, split over H until ~256 programs are busy (a prefill with
-    # one program per 32 x 32 tile walked all of H serially: 47 us at T = 4096 on the H200)
+    # one program per 32 x 32 tile walked all of H serially: 47 us at T = 4096 on the H200), in at most
+    # cfg.router_splits slices (the top-k kernel sums the slices one after another)
     rt_t = 16 if t <= 256 else 64
     rt_e = 16 if t <= 256 else min(block_e, 64)
     tiles = triton.cdiv(t, rt_t) * triton.cdiv(e, rt_e)
     chunks = triton.cdiv(hid, 64)
-    splits = max(1, min(chunks, 256 // tiles))
+    splits = max(1, min(chunks, 256 // tiles, cfg.router_splits))
     per_split = triton.cdiv(chunks, splits) * 64
     splits = triton.cdiv(hid, per_split)
     partial = torch.empty(splits, t, e, device=dev, dtype=torch.float32)
@@ -142,6 +151,10 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     _moe_routing.router_topk_kernel[(triton.cdiv(t, block_t),)](
         partial, rb, logits, idx, weights, weights32, counts, rank, t, e, splits,
         TOPK=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_TOPK=triton.next_power_of_2(k), num_warps=4)
+
+    if mxfp4 and cfg.gemv and save is None:  # a handful of decode slots: GEMVs per slot, no align pass
+        y = _slot_gemvs(h, gu_w, gu_s, gub, dn_w, dn_s, dnb, idx, weights32, k, alpha, limit, inter, cfg)
+        return _combine(y, y, idx, weights32, dnb, 1, 0, t, k), logits, idx, weights
 
     bm = cfg.block_m
     num_m = triton.cdiv(tk, bm) + min(e, tk)
@@ -205,15 +218,40 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
         warnings.warn(f"fused_moe_mxfp4: tl.dot_scaled failed ({exc!r}); using the in-kernel decode instead")
         gemms(False)
 
-    out = torch.empty(t, hid, device=dev, dtype=dtype)
-    block_n = 256 if hid >= 256 else triton.next_power_of_2(hid)
-    _moe_gemm.combine_kernel[(t, triton.cdiv(hid, block_n))](
-        y, out, part2, idx, weights32, dnb, hid, split2, y.stride(0), out.stride(0), ps2, dnb.stride(0),
-        TOPK=k, BLOCK_N=block_n, SPLIT_K=split2, num_warps=4)
+    out = _combine(y, part2, idx, weights32, dnb, split2, ps2, t, k)
     if save is not None:
         save.update(weights32=weights32, counts=counts, sorted_slot=sorted_slot, block_expert=block_expert,
                     block_rows=block_rows, act=act, pre=pre, idx=idx, num_m=num_m, block_m=bm)
     return out, logits, idx, weights
+
+
+def _combine(y, part2, idx, weights32, dnb, splits, stride_ps, t, k):
+    """Each token's k slot rows summed in order (after a split-K GEMM 2, from its partials)."""
+    hid = y.shape[1]
+    out = torch.empty(t, hid, device=y.device, dtype=y.dtype)
+    block_n = 256 if hid >= 256 else triton.next_power_of_2(hid)
+    _moe_gemm.combine_kernel[(t, triton.cdiv(hid, block_n))](
+        y, out, part2, idx, weights32, dnb, hid, splits, y.stride(0), out.stride(0), stride_ps, dnb.stride(0),
+        TOPK=k, BLOCK_N=block_n, SPLIT_K=splits, num_warps=4)
+    return out
+
+
+def _slot_gemvs(h, gu_w, gu_s, gub, dn_w, dn_s, dnb, idx, weights32, k, alpha, limit, inter, cfg):
+    """The weighted slot outputs y [T·k, H] of MXFP4 experts by `_moe_gemv` (the blocks read as int32
+    words of eight codes)."""
+    tk, hid = idx.numel(), h.shape[1]
+    n1 = 2 * inter
+    gu_words, dn_words = gu_w.view(torch.int32), dn_w.view(torch.int32)
+    act = torch.empty(tk, inter, device=h.device, dtype=h.dtype)
+    launch = dict(BLOCK_N=cfg.gemv_n, BLOCK_K=cfg.gemv_k, PTX=not _interpreting(), num_warps=cfg.num_warps)
+    _moe_gemv.gemv_gate_up_kernel[(tk, triton.cdiv(n1, cfg.gemv_n))](
+        h, gu_words, gu_s, gub, idx, act, n1, hid, h.stride(0), gu_words.stride(0), gu_words.stride(1),
+        gu_s.stride(0), gu_s.stride(1), gub.stride(0), act.stride(0), float(alpha), float(limit), TOPK=k, **launch)
+    y = torch.empty(tk, hid, device=h.device, dtype=h.dtype)
+    _moe_gemv.gemv_down_kernel[(tk, triton.cdiv(hid, cfg.gemv_n))](
+        act, dn_words, dn_s, dnb, idx, weights32, y, hid, inter, act.stride(0), dn_words.stride(0),
+        dn_words.stride(1), dn_s.stride(0), dn_s.stride(1), dnb.stride(0), y.stride(0), **launch)
+    return y
 
 
 def _splits(k_dim: int, block_k: int, wanted: int) -> tuple[int, int]:

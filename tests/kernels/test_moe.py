@@ -165,8 +165,9 @@ def test_dense_truth_rule(t, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
-def test_mxfp4_truth_rule(dtype):
-    layer = make_layer(21, 64, 96, 8, seed=5)
+@pytest.mark.parametrize("t", [1, 4, 21])  # 1 and 4: T·k <= 16, the slot GEMVs
+def test_mxfp4_truth_rule(t, dtype):
+    layer = make_layer(t, 64, 96, 8, seed=5 + t)
     gb, gs = mxfp4.from_hf_dense(layer[3].cpu())
     db, ds = mxfp4.from_hf_dense(layer[5].cpu())
     mx = tuple(x.to(DEVICE) for x in (gb, gs, db, ds))
@@ -348,6 +349,55 @@ def test_mxfp4_dot_scaled_equals_own_decode():
     for other in outs[1:]:
         assert torch.equal(outs[0][2], other[2])
         assert rel(outs[0][0], other[0]) < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_slot_gemvs_equal_row_block_gemms(dtype):
+    """The decode slot GEMVs (T·k <= 16) give the row-block GEMMs' function on the same MXFP4 bytes,
+    with a ragged last K step (I = 96 over 64-wide steps), and are bitwise repeatable."""
+    from dataclasses import replace
+
+    from gptoss_verify.kernels import moe as kmoe
+    h, rw, rb, gu, gub, dn, dnb = (x.to(dtype) for x in make_layer(3, 64, 96, 8, seed=14))
+    gb, gs = mxfp4.from_hf_dense(gu.float().cpu())
+    db, ds = mxfp4.from_hf_dense(dn.float().cpu())
+    gb, gs, db, ds = (x.to(DEVICE) for x in (gb, gs, db, ds))
+    gemv = kmoe.choose_config(3, 8, 4, mxfp4=True)
+    assert gemv.gemv and gemv.gemv_k == 64
+    args = (h, rw, rb, gb, gs, gub, db, ds, dnb, 4, ALPHA, LIMIT, 96, True)
+    a, again = kmoe._forward(*args, gemv), kmoe._forward(*args, gemv)
+    b = kmoe._forward(*args, replace(gemv, gemv=False, dot_scaled=False))
+    assert torch.equal(a[2], b[2])
+    assert rel(a[0], b[0]) < (1e-6 if dtype == torch.float32 else 2e-3)
+    for x, y in zip(a, again):
+        assert torch.equal(x, y)
+
+
+def test_slot_gemv_decodes_every_byte_at_every_scale():
+    """With one-hot activations each GEMV output is one weight: every byte value (two codes) at every
+    E8M0 scale byte 0..254 equals the codec's decode exactly (the extremes overflow or go subnormal
+    as the codec rounds them). Scale 255 is 2^128 to the codec: an infinite weight, which a dot
+    product can only carry as a non-finite output (0 · inf is NaN)."""
+    from gptoss_verify.kernels import _moe_gemv
+    scales_used, k = torch.arange(256, dtype=torch.uint8), 64
+    n = 8 * scales_used.numel()  # 8 rows per scale byte x 32 bytes per row: all 256 byte values at each
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(scales_used.numel()).reshape(1, n, k // 32, 16)
+    scales = scales_used.repeat_interleave(8).reshape(1, n, 1).expand(1, n, k // 32).contiguous()
+    want = mxfp4.decode(blocks, scales, torch.float32)[0]  # [n, k]
+    eye = torch.eye(k, device=DEVICE)
+    idx = torch.zeros(k, dtype=torch.int64, device=DEVICE)
+    ones = torch.ones(k, device=DEVICE)
+    bias = torch.zeros(1, n, device=DEVICE)
+    words, scales = blocks.to(DEVICE).view(torch.int32), scales.to(DEVICE)
+    y = torch.empty(k, n, device=DEVICE)
+    block_n = 256
+    _moe_gemv.gemv_down_kernel[(k, n // block_n)](
+        eye, words, scales, bias, idx, ones, y, n, k, eye.stride(0), words.stride(0), words.stride(1),
+        scales.stride(0), scales.stride(1), bias.stride(0), y.stride(0), BLOCK_N=block_n, BLOCK_K=64,
+        PTX=DEVICE == "cuda")
+    got, finite = y.T.cpu(), scales[0, :, 0].cpu() < 255
+    assert torch.equal(got[finite], want[finite]), (got[finite] != want[finite]).nonzero()[:5]
+    assert not got[~finite].isfinite().any()
 
 
 def test_tiny_model_with_fused_moe_matches_reference():

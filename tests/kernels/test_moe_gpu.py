@@ -53,11 +53,11 @@ def _run(layer, mx):
     return fused, ref, truth
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "mxfp4"])
-def test_cuda_graph_capture_and_replay(fmt):
+@pytest.mark.parametrize("fmt, t", [("bf16", 64), ("mxfp4", 64), ("mxfp4", 1)])  # T = 1: the slot GEMVs
+def test_cuda_graph_capture_and_replay(fmt, t):
     """The forward captures into a CUDA graph (no host sync) and a replay on new inputs equals an
     eager call on them, bit for bit."""
-    layer, mx = big_layer(64, 32, fmt, seed=1)
+    layer, mx = big_layer(t, 32, fmt, seed=1)
     h, rw, rb, gu, gub, dn, dnb = layer
 
     def call(x):
@@ -110,6 +110,7 @@ def test_mxfp4_uses_dot_scaled_here():
 
 @pytest.mark.parametrize("experts, fmt, t", [
     (32, "bf16", 1), (32, "bf16", 200), (128, "bf16", 200), (32, "mxfp4", 16), (128, "mxfp4", 200),
+    (32, "mxfp4", 1), (128, "mxfp4", 4),  # the slot GEMVs (T·k <= 16)
     (32, "bf16", 4096), (32, "mxfp4", 4096), (128, "bf16", 4096),  # the costly ones last
 ])
 def test_truth_rule_at_published_shapes(experts, fmt, t):

@@ -13,6 +13,7 @@ peers per (E, T) (graph replays where the implementation captures, else per call
     python scripts/bench_moe.py --out reports/moe-bench.md [--experts 32 128] [--tokens 1 16 256 4096 16384]
     python scripts/bench_moe.py --sweep     # time candidate tile shapes instead (SWEEP below)
     python scripts/bench_moe.py --profile   # device time of each of our kernels (torch.profiler)
+    python scripts/bench_moe.py --profile --sweep --experts 32 --tokens 1  # ... for each SWEEP candidate
     python scripts/bench_moe.py --backward --experts 32 --tokens 4096   # forward vs forward + backward
     python scripts/bench_moe.py --backward-sweep --experts 32 --tokens 4096  # backward tile shapes (BWD_SWEEP)
     python scripts/bench_moe.py --dry-run [--backward|--sweep|--profile]  # CPU, Triton interpreter, tiny
@@ -267,30 +268,37 @@ def profile(args):
     if args.backward:
         return profile_backward(args, ProfilerActivity, torch_profile)
     lines = []
-    for e in args.experts:
-        w = layer(e)
-        for t in args.tokens:
-            h = torch.randn(t, H, device=DEV).to(DT)
-            for fmt in ("bf16", "mxfp4"):
-                with torch.no_grad():
-                    for _ in range(3):
-                        ours(w, h, fmt)
-                    sync()
-                    with torch_profile(activities=[ProfilerActivity.CPU if DRY else ProfilerActivity.CUDA]) as prof:
-                        for _ in range(20):
-                            ours(w, h, fmt)
-                        sync()
-                total = 0.0
-                for ev in prof.key_averages():
-                    us = ev.device_time_total / 20 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 20
-                    if us <= 0:
-                        continue
-                    total += us
-                    lines.append([e, t, fmt, ev.key[:60], f"{us:.1f}"])
-                lines.append([e, t, fmt, "sum of kernels", f"{total:.1f}"])
-                print(tabulate(lines[-8:], tablefmt="plain"), flush=True)
-        del w
-        empty_cache()
+    if args.sweep:  # each candidate of SWEEP at the chosen E and T
+        cases = [(e, t, fmt, cfg) for (fmt, e, t), cfgs in SWEEP.items() for cfg in cfgs
+                 if (t <= 40 if DRY else e in args.experts and t in args.tokens)]
+    else:
+        cases = [(e, t, fmt, None) for e in args.experts for t in args.tokens for fmt in ("bf16", "mxfp4")]
+    layers = {}
+    for e, t, fmt, cfg in cases:
+        if e not in layers:
+            layers.clear()
+            empty_cache()
+            layers[e] = layer(e)
+        w = layers[e]
+        h = torch.randn(t, H, device=DEV, generator=torch.Generator(DEV).manual_seed(t)).to(DT)
+        with torch.no_grad():
+            for _ in range(3):
+                ours(w, h, fmt, cfg)
+            sync()
+            with torch_profile(activities=[ProfilerActivity.CPU if DRY else ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    ours(w, h, fmt, cfg)
+                sync()
+        label = fmt if cfg is None else f"{fmt} {cfg}"
+        total = 0.0
+        for ev in prof.key_averages():
+            us = ev.device_time_total / 20 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 20
+            if us <= 0:
+                continue
+            total += us
+            lines.append([e, t, label, ev.key[:60], f"{us:.1f}"])
+        lines.append([e, t, label, "sum of kernels", f"{total:.1f}"])
+        print(tabulate(lines[-8:], tablefmt="plain"), flush=True)
     return tabulate(lines, headers=["E", "T", "experts", "kernel", "us per call"], tablefmt="github")
 
 
@@ -331,24 +339,18 @@ def profile_backward(args, activity, torch_profile):
 
 C = kmoe.MoEConfig
 # (experts format, E, T) -> candidate tile shapes; the first of each list is choose_config's pick
-G = dict(gemv=True)  # the slot GEMVs (T·k <= 16); gemv_n x gemv_k weight tiles
+G = dict(gemv=True)  # the slot GEMVs (chosen for T·k <= 16); gemv_n x gemv_k weight tiles
 SWEEP = {
-    ("mxfp4", 32, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True, gemv_n=32, gemv_k=512),
+    ("mxfp4", 32, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True),
                        C(16, 64, 64, 128, 8, 4, 4, split_k=4),  # the row-block GEMMs, split over K
-                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=16, gemv_k=512),
-                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=64, gemv_k=512),
-                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=256),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=512),
                        C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=16, gemv_k=256),
-                       C(16, 64, 64, 128, 8, 8, 4, **G, gemv_n=64, gemv_k=512),
-                       C(16, 64, 64, 128, 8, 8, 4, **G, gemv_n=32, gemv_k=1024),
-                       C(16, 64, 64, 128, 8, 2, 4, **G, gemv_n=16, gemv_k=512),
-                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=512, router_splits=16),
-                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=512, router_splits=8),
-                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=512, router_splits=4)],
-    ("mxfp4", 32, 4): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True, gemv_n=32, gemv_k=512),
-                       C(16, 64, 64, 128, 8, 4, 4, split_k=4),
-                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=64, gemv_k=512)],
-    ("mxfp4", 128, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True, gemv_n=32, gemv_k=512),
+                       C(16, 64, 64, 128, 8, 8, 4, **G, gemv_n=32, gemv_k=512),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=256),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=64, gemv_k=256)],
+    ("mxfp4", 32, 4): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True),
+                       C(16, 64, 64, 128, 8, 4, 4, split_k=4)],
+    ("mxfp4", 128, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True),
                         C(16, 64, 64, 128, 8, 4, 4, split_k=4)],
     ("bf16", 32, 1): [C(16, 128, 128, 128, 8, 4, 4), C(16, 128, 128, 128, 8, 4, 4, split_k=2),
                       C(16, 64, 64, 128, 8, 4, 4, split_k=4)],

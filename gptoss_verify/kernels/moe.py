@@ -45,15 +45,15 @@ class MoEConfig:
     dot_scaled: bool = True  # MXFP4: Triton's tl.dot_scaled (True) or our decode_tile (False)
     split_k: int = 1  # >1: each GEMM tile's K is summed by this many programs (float32 partials, fixed order)
     gemv: bool = False  # MXFP4 inference: one CUDA-core GEMV per (slot, column tile) instead (_moe_gemv)
-    gemv_n: int = 32  # weight rows per GEMV program
-    gemv_k: int = 256  # weight columns per GEMV step
+    gemv_n: int = 16  # weight rows per GEMV program
+    gemv_k: int = 512  # weight columns per GEMV step
     router_splits: int = 256  # at most this many slices of H in the router GEMM
 
 
 def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoEConfig:
     """A tile shape from the mean rows per expert: skinny tiles for decode, wide ones for prefill.
-    MXFP4 decode takes narrower weight tiles (more programs stream the experts); with at most 16 slots
-    the slot GEMVs instead (split_k is then what an autograd forward, which keeps the row blocks,
+    MXFP4 decode takes narrower weight tiles (more programs stream the experts); with at most 16
+    slots the slot GEMVs instead (split_k is then what an autograd forward, which keeps the row blocks,
     uses). reports/gpu-2026-12-02-h200-moe/ and reports/gpu-2026-12-04b-h200/: the sweeps behind these."""
     if _interpreting():
         return MoEConfig(block_m=16, block_n1=64, block_n2=64, block_k=64, group_m=4, num_warps=4, num_stages=1,
@@ -61,8 +61,8 @@ def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoE
     rows = tokens * k / experts
     if rows <= 16:
         if mxfp4:
-            few = tokens * k <= 16
-            return MoEConfig(16, 64, 64, 128, 8, 4, 4, split_k=4 if few else 1, gemv=few, gemv_n=32, gemv_k=512)
+            few = tokens * k <= 16  # the slot GEMVs (split-K row blocks for an autograd forward)
+            return MoEConfig(16, 64, 64, 128, 8, 4, 4, split_k=4 if few else 1, gemv=few)
         return MoEConfig(16, 128, 128, 128, 8, 4, 4)
     if rows <= 64:
         return MoEConfig(64, 128, 128, 64, 8, 4, 4)
@@ -238,19 +238,19 @@ def _combine(y, part2, idx, weights32, dnb, splits, stride_ps, t, k):
 
 def _slot_gemvs(h, gu_w, gu_s, gub, dn_w, dn_s, dnb, idx, weights32, k, alpha, limit, inter, cfg):
     """The weighted slot outputs y [T·k, H] of MXFP4 experts by `_moe_gemv` (the blocks read as int32
-    words of eight codes)."""
+    words of eight codes; their strides passed in 16-byte groups of four words)."""
     tk, hid = idx.numel(), h.shape[1]
     n1 = 2 * inter
     gu_words, dn_words = gu_w.view(torch.int32), dn_w.view(torch.int32)
     act = torch.empty(tk, inter, device=h.device, dtype=h.dtype)
     launch = dict(BLOCK_N=cfg.gemv_n, BLOCK_K=cfg.gemv_k, PTX=not _interpreting(), num_warps=cfg.num_warps)
     _moe_gemv.gemv_gate_up_kernel[(tk, triton.cdiv(n1, cfg.gemv_n))](
-        h, gu_words, gu_s, gub, idx, act, n1, hid, h.stride(0), gu_words.stride(0), gu_words.stride(1),
+        h, gu_words, gu_s, gub, idx, act, n1, hid, h.stride(0), gu_words.stride(0) // 4, gu_words.stride(1) // 4,
         gu_s.stride(0), gu_s.stride(1), gub.stride(0), act.stride(0), float(alpha), float(limit), TOPK=k, **launch)
     y = torch.empty(tk, hid, device=h.device, dtype=h.dtype)
     _moe_gemv.gemv_down_kernel[(tk, triton.cdiv(hid, cfg.gemv_n))](
-        act, dn_words, dn_s, dnb, idx, weights32, y, hid, inter, act.stride(0), dn_words.stride(0),
-        dn_words.stride(1), dn_s.stride(0), dn_s.stride(1), dnb.stride(0), y.stride(0), **launch)
+        act, dn_words, dn_s, dnb, idx, weights32, y, hid, inter, act.stride(0), dn_words.stride(0) // 4,
+        dn_words.stride(1) // 4, dn_s.stride(0), dn_s.stride(1), dnb.stride(0), y.stride(0), **launch)
     return y
 
 

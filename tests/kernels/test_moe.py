@@ -353,8 +353,8 @@ def test_mxfp4_dot_scaled_equals_own_decode():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_slot_gemvs_equal_row_block_gemms(dtype):
-    """The decode slot GEMVs (T·k <= 16) give the row-block GEMMs' function on the same MXFP4 bytes,
-    with a ragged last K step (I = 96 over 64-wide steps), and are bitwise repeatable."""
+    """The decode slot GEMVs give the row-block GEMMs' function on the same MXFP4 bytes, also where slots
+    share experts (T = 3), with a ragged last K step (I = 96 over 64-wide steps), bitwise repeatably."""
     from dataclasses import replace
 
     from gptoss_verify.kernels import moe as kmoe
@@ -362,8 +362,7 @@ def test_slot_gemvs_equal_row_block_gemms(dtype):
     gb, gs = mxfp4.from_hf_dense(gu.float().cpu())
     db, ds = mxfp4.from_hf_dense(dn.float().cpu())
     gb, gs, db, ds = (x.to(DEVICE) for x in (gb, gs, db, ds))
-    gemv = kmoe.choose_config(3, 8, 4, mxfp4=True)
-    assert gemv.gemv and gemv.gemv_k == 64
+    gemv = replace(kmoe.choose_config(3, 8, 4, mxfp4=True), gemv=True, gemv_k=64)
     args = (h, rw, rb, gb, gs, gub, db, ds, dnb, 4, ALPHA, LIMIT, 96, True)
     a, again = kmoe._forward(*args, gemv), kmoe._forward(*args, gemv)
     b = kmoe._forward(*args, replace(gemv, gemv=False, dot_scaled=False))
@@ -392,7 +391,7 @@ def test_slot_gemv_decodes_every_byte_at_every_scale():
     y = torch.empty(k, n, device=DEVICE)
     block_n = 256
     _moe_gemv.gemv_down_kernel[(k, n // block_n)](
-        eye, words, scales, bias, idx, ones, y, n, k, eye.stride(0), words.stride(0), words.stride(1),
+        eye, words, scales, bias, idx, ones, y, n, k, eye.stride(0), words.stride(0) // 4, words.stride(1) // 4,
         scales.stride(0), scales.stride(1), bias.stride(0), y.stride(0), BLOCK_N=block_n, BLOCK_K=64,
         PTX=DEVICE == "cuda")
     got, finite = y.T.cpu(), scales[0, :, 0].cpu() < 255

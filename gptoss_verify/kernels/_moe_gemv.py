@@ -94,10 +94,9 @@ def _mx_row_dots(w_ptr, s_ptr, x_ptr, e, offs_n, n_ok, K, stride_we, stride_wn, 
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PTX: tl.constexpr):
     """[BLOCK_N] float32: Σ_k x[k]·W[e, n, k] over the rows n of the tile; W as MXFP4 words (w_ptr: int32,
     eight codes each, low nibble first; four words per 32-element group; strides in groups) and scales
-    [E, N, K/32]; x: K
-    activations. Tiles are [rows, groups, 4 words], so each thread holds whole groups: the group sums
-    and their scaling stay in registers. The next step's words and scales are loaded before this
-    step's arithmetic (a register double buffer: twice the bytes in flight per program)."""
+    [E, N, K/32]; x: K activations. Tiles are [rows, groups, 4 words], so each thread holds whole
+    groups: the group sums and their scaling stay in registers. The next step's words and scales are
+    loaded before this step's arithmetic (a register double buffer: twice the bytes in flight)."""
     BLOCK_G: tl.constexpr = BLOCK_K // 32
     # the word strides come in 16-byte units (stride_we, stride_wn: words / 4), so that the compiler
     # can prove each group's 4 words aligned and load them as one 16-byte vector: Triton specialises

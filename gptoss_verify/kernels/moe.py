@@ -47,7 +47,6 @@ class MoEConfig:
     gemv: bool = False  # MXFP4 inference: one CUDA-core GEMV per (slot, column tile) instead (_moe_gemv)
     gemv_n: int = 16  # weight rows per GEMV program
     gemv_k: int = 512  # weight columns per GEMV step
-    router_splits: int = 256  # at most this many slices of H in the router GEMM
 
 
 def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoEConfig:
@@ -134,13 +133,12 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     rank = torch.empty(tk, device=dev, dtype=torch.int32)
     block_e = max(16, triton.next_power_of_2(e))
     # router GEMM: tiles of tokens x experts, split over H until ~256 programs are busy (a prefill with
-    # one program per 32 x 32 tile walked all of H serially: 47 us at T = 4096 on the H200), in at most
-    # cfg.router_splits slices (the top-k kernel sums the slices one after another)
+    # one program per 32 x 32 tile walked all of H serially: 47 us at T = 4096 on the H200)
     rt_t = 16 if t <= 256 else 64
     rt_e = 16 if t <= 256 else min(block_e, 64)
     tiles = triton.cdiv(t, rt_t) * triton.cdiv(e, rt_e)
     chunks = triton.cdiv(hid, 64)
-    splits = max(1, min(chunks, 256 // tiles, cfg.router_splits))
+    splits = max(1, min(chunks, 256 // tiles))
     per_split = triton.cdiv(chunks, splits) * 64
     splits = triton.cdiv(hid, per_split)
     partial = torch.empty(splits, t, e, device=dev, dtype=torch.float32)

@@ -29,6 +29,14 @@ def _e8m0(s):
 # _decode_words in PTX: the same integer formulas; prmt is the byte move, and the mov into two
 # 16-bit registers keeps each pair in one register up to the conversions (written in Triton, the
 # compiler splits every pair into two halves and masks each on its own: about twice the operations).
+# One pair step per code pair (j, j + 4), from word e (even codes) or o (odd codes), in the order of
+# the Triton form's _halves calls: bytes 0 and 2 moved up into the halves' high bytes (0x2404), or
+# bytes 1 and 3 kept there (0x3414).
+_PAIR_PTX = """prmt.b32 r, {word}, z, {move};
+mov.b32 {{l, h}}, r;
+cvt.f32.f16 ${lo}, l;
+cvt.f32.f16 ${hi}, h;
+"""
 _DECODE_PTX = tl.constexpr("""{
 .reg .b32 e, o, t, r, z;
 .reg .b16 l, h;
@@ -42,23 +50,9 @@ shr.b32 o, $8, 3;
 and.b32 o, o, 0x0E0E0E0E;
 and.b32 t, $8, 0x80808080;
 or.b32 o, o, t;
-prmt.b32 r, e, z, 0x2404;
-mov.b32 {l, h}, r;
-cvt.f32.f16 $0, l;
-cvt.f32.f16 $4, h;
-prmt.b32 r, o, z, 0x2404;
-mov.b32 {l, h}, r;
-cvt.f32.f16 $1, l;
-cvt.f32.f16 $5, h;
-prmt.b32 r, e, z, 0x3414;
-mov.b32 {l, h}, r;
-cvt.f32.f16 $2, l;
-cvt.f32.f16 $6, h;
-prmt.b32 r, o, z, 0x3414;
-mov.b32 {l, h}, r;
-cvt.f32.f16 $3, l;
-cvt.f32.f16 $7, h;
-}""")
+""" + "".join(_PAIR_PTX.format(word=word, move=move, lo=j, hi=j + 4)
+              for j, (word, move) in enumerate((("e", "0x2404"), ("o", "0x2404"), ("e", "0x3414"), ("o", "0x3414"))))
+    + "}")
 
 
 @triton.jit

@@ -274,6 +274,7 @@ def profile(args):
     else:
         cases = [(e, t, fmt, None) for e in args.experts for t in args.tokens for fmt in ("bf16", "mxfp4")]
     layers = {}
+    flush = torch.empty(1 << 10 if DRY else 256 << 20, dtype=torch.int8, device=DEV)  # L2 cold, as in time_graph
     for e, t, fmt, cfg in cases:
         if e not in layers:
             layers.clear()
@@ -287,13 +288,14 @@ def profile(args):
             sync()
             with torch_profile(activities=[ProfilerActivity.CPU if DRY else ProfilerActivity.CUDA]) as prof:
                 for _ in range(20):
+                    flush.zero_()
                     ours(w, h, fmt, cfg)
                 sync()
         label = fmt if cfg is None else f"{fmt} {cfg}"
         total = 0.0
         for ev in prof.key_averages():
             us = ev.device_time_total / 20 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 20
-            if us <= 0:
+            if us <= 0 or "FillFunctor" in ev.key or ev.key in ("aten::zero_", "aten::fill_"):  # the flush
                 continue
             total += us
             lines.append([e, t, label, ev.key[:60], f"{us:.1f}"])
@@ -339,19 +341,36 @@ def profile_backward(args, activity, torch_profile):
 
 C = kmoe.MoEConfig
 # (experts format, E, T) -> candidate tile shapes; the first of each list is choose_config's pick
-G = dict(gemv=True)  # the slot GEMVs (chosen for T·k <= 16); gemv_n x gemv_k weight tiles
+G = dict(gemv=True, split_k=4)  # the slot GEMVs (chosen for T·k <= 16): gemv_n1 x gemv_k1 gate_up tiles,
+# gemv_n2 x gemv_k2 down tiles (MoEConfig's defaults: 64 x 256 and 32 x 512)
+DOWN_WIDE = dict(gemv_n2=64, gemv_k2=256)  # choose_config's down tile above 8 slots
+
+
+def gemv_tiles(n, k):
+    """The same rows x columns tile for both GEMVs (the per-kernel profile tells them apart)."""
+    return dict(gemv_n1=n, gemv_k1=k, gemv_n2=n, gemv_k2=k)
+
+
 SWEEP = {
-    ("mxfp4", 32, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True),
+    ("mxfp4", 32, 1): [C(16, 64, 64, 128, 8, 4, 4, **G),
                        C(16, 64, 64, 128, 8, 4, 4, split_k=4),  # the row-block GEMMs, split over K
-                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=512),
-                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=16, gemv_k=256),
-                       C(16, 64, 64, 128, 8, 8, 4, **G, gemv_n=32, gemv_k=512),
-                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=32, gemv_k=256),
-                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n=64, gemv_k=256)],
-    ("mxfp4", 32, 4): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True),
-                       C(16, 64, 64, 128, 8, 4, 4, split_k=4)],
-    ("mxfp4", 128, 1): [C(16, 64, 64, 128, 8, 4, 4, split_k=4, gemv=True),
-                        C(16, 64, 64, 128, 8, 4, 4, split_k=4)],
+                       C(16, 64, 64, 128, 8, 4, 4, **G, **DOWN_WIDE),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n2=64, gemv_k2=512),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, **gemv_tiles(16, 512)),  # the 04b tile (then in [rows, groups] order)
+                       C(16, 64, 64, 128, 8, 8, 4, **G),  # 8 warps per GEMV program
+                       C(16, 64, 64, 128, 8, 2, 4, **G),  # 2 warps
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n1=32, gemv_k1=256),  # twice the gate_up programs
+                       C(16, 64, 64, 128, 8, 8, 4, **G, gemv_n1=128, gemv_k1=256, gemv_n2=64, gemv_k2=512)],
+    ("mxfp4", 32, 4): [C(16, 64, 64, 128, 8, 4, 4, **G, **DOWN_WIDE),
+                       C(16, 64, 64, 128, 8, 4, 4, split_k=4),
+                       C(16, 64, 64, 128, 8, 4, 4, **G),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, gemv_n1=128, gemv_k1=128, **DOWN_WIDE),
+                       C(16, 64, 64, 128, 8, 4, 4, **G, **gemv_tiles(16, 512)),
+                       C(16, 64, 64, 128, 8, 8, 4, **G, **DOWN_WIDE),
+                       C(16, 64, 64, 128, 8, 2, 4, **G, **DOWN_WIDE)],
+    ("mxfp4", 128, 1): [C(16, 64, 64, 128, 8, 4, 4, **G),
+                        C(16, 64, 64, 128, 8, 4, 4, split_k=4),
+                        C(16, 64, 64, 128, 8, 4, 4, **G, **gemv_tiles(16, 512))],
     ("bf16", 32, 1): [C(16, 128, 128, 128, 8, 4, 4), C(16, 128, 128, 128, 8, 4, 4, split_k=2),
                       C(16, 64, 64, 128, 8, 4, 4, split_k=4)],
     ("mxfp4", 32, 16): [C(16, 64, 64, 128, 8, 4, 4), C(16, 64, 64, 128, 8, 4, 4, split_k=2),

@@ -88,38 +88,45 @@ def _mx_row_dots(w_ptr, s_ptr, x_ptr, e, offs_n, n_ok, K, stride_we, stride_wn, 
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PTX: tl.constexpr):
     """[BLOCK_N] float32: Σ_k x[k]·W[e, n, k] over the rows n of the tile; W as MXFP4 words (w_ptr: int32,
     eight codes each, low nibble first; four words per 32-element group; strides in groups) and scales
-    [E, N, K/32]; x: K activations. Tiles are [rows, groups, 4 words], so each thread holds whole
-    groups: the group sums and their scaling stay in registers. The next step's words and scales are
-    loaded before this step's arithmetic (a register double buffer: twice the bytes in flight)."""
+    [E, N, K/32]; x: K activations. Tiles are [groups, rows, 4 words]: Triton lays the threads along
+    groups, so each thread holds whole groups (their sums and scaling stay in registers) of several
+    rows, for which it loads and widens each activation once. It pays at the wider tiles it allows:
+    the layer at T = 4 took 0.148 ms with [rows, groups, 4 words] at 16 × 512
+    (reports/gpu-2026-12-04b-h200) and takes 0.111 with this layout at choose_config's tiles
+    (reports/gpu-2026-12-04c-h200; 0.223 at 16 × 512); at T = 1 the GEMVs are as before (23.9 against
+    24.4 µs for gate_up).
+    The next step's words and scales are loaded before this step's arithmetic (a register double
+    buffer: twice the bytes in flight)."""
     BLOCK_G: tl.constexpr = BLOCK_K // 32
     # the word strides come in 16-byte units (stride_we, stride_wn: words / 4), so that the compiler
     # can prove each group's 4 words aligned and load them as one 16-byte vector: Triton specialises
     # only integers divisible by 16, and a row of 2880 codes is 360 words (8 · 45)
-    w_rows = w_ptr + (e * stride_we + offs_n[:, None, None].to(tl.int64) * stride_wn) * 4
-    s_rows = s_ptr + e * stride_se + offs_n[:, None, None].to(tl.int64) * stride_sn
-    row_ok = n_ok[:, None, None]
+    rows = offs_n[None, :, None].to(tl.int64)
+    w_rows = w_ptr + (e * stride_we + rows * stride_wn) * 4
+    s_rows = s_ptr + e * stride_se + rows * stride_sn
+    row_ok = n_ok[None, :, None]
     words, s = _mx_step_loads(w_rows, s_rows, row_ok, 0, K, BLOCK_G)
-    acc = tl.zeros([BLOCK_N, BLOCK_G, 1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_N, 1], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         next_words, next_s = _mx_step_loads(w_rows, s_rows, row_ok, k0 + BLOCK_K, K, BLOCK_G)  # none past K
         codes = _decode_words(words.to(tl.uint32, bitcast=True), PTX)
         # the activations of each word's 8 codes; past K (the last step's masked groups, whose codes are
         # 0) the last group's are read again instead of a masked load (which costs a register clear per
         # value): in-bounds, finite unless the input is, and multiplied by 0
-        offs_g = tl.minimum(k0 // 32 + tl.arange(0, BLOCK_G), K // 32 - 1)[None, :, None]
-        first = (offs_g * 4 + tl.arange(0, 4)[None, None, :]) * 8  # [1, groups, 4]
-        part = tl.zeros([BLOCK_N, BLOCK_G, 4], dtype=tl.float32)
+        offs_g = tl.minimum(k0 // 32 + tl.arange(0, BLOCK_G), K // 32 - 1)[:, None, None]
+        first = (offs_g * 4 + tl.arange(0, 4)[None, None, :]) * 8  # [groups, 1, 4]
+        part = tl.zeros([BLOCK_G, BLOCK_N, 4], dtype=tl.float32)
         for p in tl.static_range(8):
             part += codes[p] * tl.load(x_ptr + first + p).to(tl.float32)
         acc += tl.sum(part, axis=2, keep_dims=True) * _e8m0(s.to(tl.int32))
         words, s = next_words, next_s
-    return tl.sum(tl.sum(acc, axis=2), axis=1) * 16384.0
+    return tl.sum(tl.sum(acc, axis=2), axis=0) * 16384.0
 
 
 @triton.jit
 def _mx_step_loads(w_rows, s_rows, row_ok, k0, K, BLOCK_G: tl.constexpr):
-    """The words [rows, BLOCK_G, 4] and scale bytes [rows, BLOCK_G, 1] of the step at column k0."""
-    offs_g = (k0 // 32 + tl.arange(0, BLOCK_G))[None, :, None]
+    """The words [BLOCK_G, rows, 4] and scale bytes [BLOCK_G, rows, 1] of the step at column k0."""
+    offs_g = (k0 // 32 + tl.arange(0, BLOCK_G))[:, None, None]
     ok = row_ok & (offs_g < K // 32)
     words = tl.load(w_rows + offs_g * 4 + tl.arange(0, 4)[None, None, :], mask=ok, other=0)
     return words, tl.load(s_rows + offs_g, mask=ok, other=127)

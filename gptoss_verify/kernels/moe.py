@@ -45,23 +45,27 @@ class MoEConfig:
     dot_scaled: bool = True  # MXFP4: Triton's tl.dot_scaled (True) or our decode_tile (False)
     split_k: int = 1  # >1: each GEMM tile's K is summed by this many programs (float32 partials, fixed order)
     gemv: bool = False  # MXFP4 inference: one CUDA-core GEMV per (slot, column tile) instead (_moe_gemv)
-    gemv_n: int = 16  # weight rows per GEMV program
-    gemv_k: int = 512  # weight columns per GEMV step
+    gemv_n1: int = 64  # gate_up GEMV: weight rows per program
+    gemv_k1: int = 256  # ... weight columns per step
+    gemv_n2: int = 32  # down GEMV: weight rows per program
+    gemv_k2: int = 512  # ... weight columns per step
 
 
 def choose_config(tokens: int, experts: int, k: int, mxfp4: bool = False) -> MoEConfig:
     """A tile shape from the mean rows per expert: skinny tiles for decode, wide ones for prefill.
     MXFP4 decode takes narrower weight tiles (more programs stream the experts); with at most 16
     slots the slot GEMVs instead (split_k is then what an autograd forward, which keeps the row blocks,
-    uses). reports/gpu-2026-12-02-h200-moe/ and reports/gpu-2026-12-04b-h200/: the sweeps behind these."""
+    uses). The sweeps behind these: reports/gpu-2026-12-02-h200-moe/, reports/gpu-2026-12-04b-h200/ and
+    reports/gpu-2026-12-04c-h200/."""
     if _interpreting():
         return MoEConfig(block_m=16, block_n1=64, block_n2=64, block_k=64, group_m=4, num_warps=4, num_stages=1,
-                         gemv=mxfp4 and tokens * k <= 16, gemv_n=16, gemv_k=64)
+                         gemv=mxfp4 and tokens * k <= 16, gemv_n1=16, gemv_k1=64, gemv_n2=16, gemv_k2=64)
     rows = tokens * k / experts
     if rows <= 16:
         if mxfp4:
             few = tokens * k <= 16  # the slot GEMVs (split-K row blocks for an autograd forward)
-            return MoEConfig(16, 64, 64, 128, 8, 4, 4, split_k=4 if few else 1, gemv=few)
+            down = dict(gemv_n2=32, gemv_k2=512) if tokens * k <= 8 else dict(gemv_n2=64, gemv_k2=256)
+            return MoEConfig(16, 64, 64, 128, 8, 4, 4, split_k=4 if few else 1, gemv=few, **down)
         return MoEConfig(16, 128, 128, 128, 8, 4, 4)
     if rows <= 64:
         return MoEConfig(64, 128, 128, 64, 8, 4, 4)
@@ -132,25 +136,34 @@ def _forward(h, rw, rb, gu_w, gu_s, gub, dn_w, dn_s, dnb, k, alpha, limit, inter
     counts = torch.empty(e, device=dev, dtype=torch.int32)  # zeroed by the router kernel
     rank = torch.empty(tk, device=dev, dtype=torch.int32)
     block_e = max(16, triton.next_power_of_2(e))
-    # router GEMM: tiles of tokens x experts, split over H until ~256 programs are busy (a prefill with
-    # one program per 32 x 32 tile walked all of H serially: 47 us at T = 4096 on the H200)
-    rt_t = 16 if t <= 256 else 64
-    rt_e = 16 if t <= 256 else min(block_e, 64)
-    tiles = triton.cdiv(t, rt_t) * triton.cdiv(e, rt_e)
-    chunks = triton.cdiv(hid, 64)
-    splits = max(1, min(chunks, 256 // tiles))
-    per_split = triton.cdiv(chunks, splits) * 64
-    splits = triton.cdiv(hid, per_split)
-    partial = torch.empty(splits, t, e, device=dev, dtype=torch.float32)
-    _moe_routing.router_logits_kernel[(triton.cdiv(t, rt_t), triton.cdiv(e, rt_e), splits)](
-        h, rw, partial, counts, t, hid, e, per_split, h.stride(0), rw.stride(0),
-        BLOCK_T=rt_t, BLOCK_E=rt_e, BLOCK_H=64, IEEE=ieee, ALL_E=block_e, num_warps=4)
+    if t <= 16:  # a handful of tokens: the router as GEMVs in 1024-wide chunks of H
+        splits = triton.cdiv(hid, 1024)
+        partial = torch.empty(splits, t, e, device=dev, dtype=torch.float32)
+        _moe_routing.router_gemv_kernel[(t, triton.cdiv(e, 4), splits)](
+            h, rw, partial, counts, t, hid, e, h.stride(0), rw.stride(0), BLOCK_E=4, BLOCK_H=1024, ALL_E=block_e,
+            num_warps=4)
+    else:
+        # router GEMM: tiles of tokens x experts, split over H until ~256 programs are busy (a prefill with
+        # one program per 32 x 32 tile walked all of H serially: 47 us at T = 4096 on the H200)
+        rt_t = 16 if t <= 256 else 64
+        rt_e = 16 if t <= 256 else min(block_e, 64)
+        tiles = triton.cdiv(t, rt_t) * triton.cdiv(e, rt_e)
+        chunks = triton.cdiv(hid, 64)
+        splits = max(1, min(chunks, 256 // tiles))
+        per_split = triton.cdiv(chunks, splits) * 64
+        splits = triton.cdiv(hid, per_split)
+        partial = torch.empty(splits, t, e, device=dev, dtype=torch.float32)
+        _moe_routing.router_logits_kernel[(triton.cdiv(t, rt_t), triton.cdiv(e, rt_e), splits)](
+            h, rw, partial, counts, t, hid, e, per_split, h.stride(0), rw.stride(0),
+            BLOCK_T=rt_t, BLOCK_E=rt_e, BLOCK_H=64, IEEE=ieee, ALL_E=block_e, num_warps=4)
     block_t = 16
+    slot_gemvs = mxfp4 and cfg.gemv and save is None
     _moe_routing.router_topk_kernel[(triton.cdiv(t, block_t),)](
         partial, rb, logits, idx, weights, weights32, counts, rank, t, e, splits,
-        TOPK=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_TOPK=triton.next_power_of_2(k), num_warps=4)
+        TOPK=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_TOPK=triton.next_power_of_2(k), COUNT=not slot_gemvs,
+        num_warps=4)
 
-    if mxfp4 and cfg.gemv and save is None:  # a handful of decode slots: GEMVs per slot, no align pass
+    if slot_gemvs:  # a handful of decode slots: GEMVs per slot, no align pass
         y = _slot_gemvs(h, gu_w, gu_s, gub, dn_w, dn_s, dnb, idx, weights32, k, alpha, limit, inter, cfg)
         return _combine(y, y, idx, weights32, dnb, 1, 0, t, k), logits, idx, weights
 
@@ -241,14 +254,16 @@ def _slot_gemvs(h, gu_w, gu_s, gub, dn_w, dn_s, dnb, idx, weights32, k, alpha, l
     n1 = 2 * inter
     gu_words, dn_words = gu_w.view(torch.int32), dn_w.view(torch.int32)
     act = torch.empty(tk, inter, device=h.device, dtype=h.dtype)
-    launch = dict(BLOCK_N=cfg.gemv_n, BLOCK_K=cfg.gemv_k, PTX=not _interpreting(), num_warps=cfg.num_warps)
-    _moe_gemv.gemv_gate_up_kernel[(tk, triton.cdiv(n1, cfg.gemv_n))](
+    launch = dict(PTX=not _interpreting(), num_warps=cfg.num_warps)
+    _moe_gemv.gemv_gate_up_kernel[(tk, triton.cdiv(n1, cfg.gemv_n1))](
         h, gu_words, gu_s, gub, idx, act, n1, hid, h.stride(0), gu_words.stride(0) // 4, gu_words.stride(1) // 4,
-        gu_s.stride(0), gu_s.stride(1), gub.stride(0), act.stride(0), float(alpha), float(limit), TOPK=k, **launch)
+        gu_s.stride(0), gu_s.stride(1), gub.stride(0), act.stride(0), float(alpha), float(limit), TOPK=k,
+        BLOCK_N=cfg.gemv_n1, BLOCK_K=cfg.gemv_k1, **launch)
     y = torch.empty(tk, hid, device=h.device, dtype=h.dtype)
-    _moe_gemv.gemv_down_kernel[(tk, triton.cdiv(hid, cfg.gemv_n))](
+    _moe_gemv.gemv_down_kernel[(tk, triton.cdiv(hid, cfg.gemv_n2))](
         act, dn_words, dn_s, dnb, idx, weights32, y, hid, inter, act.stride(0), dn_words.stride(0) // 4,
-        dn_words.stride(1) // 4, dn_s.stride(0), dn_s.stride(1), dnb.stride(0), y.stride(0), **launch)
+        dn_words.stride(1) // 4, dn_s.stride(0), dn_s.stride(1), dnb.stride(0), y.stride(0),
+        BLOCK_N=cfg.gemv_n2, BLOCK_K=cfg.gemv_k2, **launch)
     return y
 
 

@@ -175,6 +175,15 @@ def test_mxfp4_truth_rule(t, dtype):
     check_truth_rule(fused, ref, truth, f"mxfp4 {dtype}")
 
 
+@pytest.mark.parametrize("t", [5, 17])  # 5: the router as GEMVs (T <= 16); 17: the tiled router GEMM
+def test_router_over_wide_hidden_truth_rule(t):
+    """H = 2112: the router GEMVs' three 1024-wide chunks with a ragged last one, and 12 experts (a
+    partial last tile of experts in both router kernels)."""
+    layer = make_layer(t, 2112, 32, 12, seed=40 + t)
+    fused, ref, truth = run_all(layer, DTYPES[-1])
+    check_truth_rule(fused, ref, truth, f"router H=2112 t={t}")
+
+
 def test_mxfp4_equals_dense_on_decoded_weights():
     """The in-loop decode gives the same function as the dense kernel on the decoded experts."""
     h, rw, rb, gu, gub, dn, dnb = make_layer(9, 64, 96, 8, seed=11)
@@ -362,7 +371,7 @@ def test_slot_gemvs_equal_row_block_gemms(dtype):
     gb, gs = mxfp4.from_hf_dense(gu.float().cpu())
     db, ds = mxfp4.from_hf_dense(dn.float().cpu())
     gb, gs, db, ds = (x.to(DEVICE) for x in (gb, gs, db, ds))
-    gemv = replace(kmoe.choose_config(3, 8, 4, mxfp4=True), gemv=True, gemv_k=64)
+    gemv = replace(kmoe.choose_config(3, 8, 4, mxfp4=True), gemv=True, gemv_k1=64, gemv_k2=64)
     args = (h, rw, rb, gb, gs, gub, db, ds, dnb, 4, ALPHA, LIMIT, 96, True)
     a, again = kmoe._forward(*args, gemv), kmoe._forward(*args, gemv)
     b = kmoe._forward(*args, replace(gemv, gemv=False, dot_scaled=False))
